@@ -1,0 +1,314 @@
+"""tda-engine: fast LLM text generation with Threshold-based Dynamic Activation (TDA).
+
+Quick start::
+
+    from tda_engine import Engine
+    eng = Engine.from_pretrained("path/to/hf-model-dir", dtype="float32")
+    out = eng.generate("The capital of France is", max_new_tokens=20)
+    print(out.text, out.finish_reason, out.timings.decode_tokens_per_s)
+
+The heavy lifting is in Rust (``tda_engine._native``); this module normalises Python arguments
+(prompts as text, token ids, or batches of either) and wraps results in small classes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+from . import _native
+
+__all__ = ["Engine", "GenerationResult", "Usage", "Timings", "Stream", "__version__"]
+__version__ = _native.__version__
+
+
+class _Record:
+    """Attribute access plus ``obj["field"]`` and ``dict(obj)``-style ``to_dict()``."""
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def to_dict(self) -> dict:
+        return {k: (v.to_dict() if isinstance(v, _Record) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Usage(_Record):
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Timings(_Record):
+    prefill_s: float
+    decode_s: float
+    decode_tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class GenerationResult(_Record):
+    """One finished generation.
+
+    ``text`` is the generated text only (stop strings and stop/EOS tokens are not in it);
+    ``token_ids`` are every generated id, including a final stop/EOS token; ``finish_reason`` is
+    ``"stop"`` (EOS, a stop token or a stop string) or ``"length"`` (max_new_tokens or the context).
+    ``logprobs`` holds each generated token's log-probability under the model (before sampling
+    adjustments) when requested with ``logprobs=True``.
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+    logprobs: list[float] | None = field(default=None)
+
+    @classmethod
+    def _from_native(cls, d: Mapping[str, Any]) -> "GenerationResult":
+        return cls(
+            text=d["text"],
+            token_ids=list(d["token_ids"]),
+            finish_reason=d["finish_reason"],
+            usage=Usage(d["prompt_tokens"], d["completion_tokens"]),
+            timings=Timings(d["prefill_s"], d["decode_s"], d["decode_tokens_per_s"]),
+            logprobs=d["logprobs"],
+        )
+
+
+class Stream:
+    """Iterator of text deltas from :meth:`Engine.stream`.
+
+    Text that could still turn into a stop string is held back until it is certain.
+    After the iterator is exhausted, :attr:`result` holds the :class:`GenerationResult`.
+    """
+
+    def __init__(self, native: Any):
+        self._native = native
+        self._result: GenerationResult | None = None
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._native)
+
+    @property
+    def result(self) -> GenerationResult | None:
+        if self._result is None:
+            d = self._native.result()
+            if d is not None:
+                self._result = GenerationResult._from_native(d)
+        return self._result
+
+    def close(self) -> None:
+        """Stops the generation early."""
+        self._native.close()
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_options(opts: dict) -> dict:
+    stop = opts.get("stop")
+    if isinstance(stop, str):
+        opts["stop"] = [stop]
+    elif stop is not None:
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise TypeError(f"stop must be a str or a list of str, got {stop!r}")
+        opts["stop"] = list(stop)
+    ids = opts.get("stop_token_ids")
+    if ids is not None:
+        if isinstance(ids, int) and not isinstance(ids, bool):
+            ids = [ids]
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(t) for t in ids):
+            raise TypeError(f"stop_token_ids must be a list of int, got {ids!r}")
+        opts["stop_token_ids"] = list(ids)
+    for name in ("max_new_tokens", "top_k", "seed"):
+        v = opts.get(name)
+        if v is not None and not _is_int(v):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        v = opts.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+    return opts
+
+
+_OPTION_NAMES = (
+    "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+    "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs",
+)
+
+
+class Engine:
+    """A loaded model. Safe to share between threads; compute runs without the GIL.
+
+    Create one with :meth:`Engine.from_pretrained`.
+    """
+
+    def __init__(self, native: Any, path: str):
+        self._n = native
+        self._path = path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> "Engine":
+        """Loads a Hugging Face model directory: ``config.json``, ``model.safetensors`` (or sharded
+        with ``model.safetensors.index.json``), ``tokenizer.json``, and optionally
+        ``tokenizer_config.json``, ``generation_config.json``, ``chat_template.jinja``.
+
+        ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (the weights are converted).
+        ``device``: ``"cpu"``.
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        if not isinstance(device, str):
+            raise TypeError(f"device must be a str, got {type(device).__name__}")
+        if not isinstance(dtype, str):
+            raise TypeError(f"dtype must be a str, got {type(dtype).__name__}")
+        path = os.fspath(path)
+        return cls(_native.Engine.from_pretrained(path, device, dtype), path)
+
+    def __repr__(self) -> str:
+        i = self.model_info
+        return f"Engine({self._path!r}, architecture={i['architecture']}, dtype={i['dtype']}, device={i['device']})"
+
+    # -- model facts -------------------------------------------------------------------------
+
+    @property
+    def model_info(self) -> dict:
+        """architecture, num_layers, hidden_size, intermediate_size, vocab_size, dtype, device,
+        max_position_embeddings (and the attention shape)."""
+        return dict(self._n.model_info)
+
+    @property
+    def generation_defaults(self) -> dict:
+        """Defaults used for options left as None (from generation_config.json, else greedy)."""
+        return dict(self._n.generation_defaults)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self._n.eos_token_ids)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._n.bos_token_id
+
+    # -- text <-> ids ------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self._n.tokenize(text, bool(add_special_tokens))
+
+    def detokenize(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._n.detokenize(self._ids(ids, "ids", allow_empty=True), bool(skip_special_tokens))
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Renders a conversation with the model's chat template."""
+        self._check_messages(messages)
+        return self._n.apply_chat_template(json.dumps(list(messages)), bool(add_generation_prompt))
+
+    # -- compute -----------------------------------------------------------------------------
+
+    def forward(self, ids: Sequence[int]):
+        """Logits of a dense forward pass at every position: float32 ``(len(ids), vocab_size)``."""
+        return self._n.forward(self._ids(ids, "ids"))
+
+    def generate(self, prompt, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None, seed: int | None = None, stop=None,
+                 stop_token_ids=None, ignore_eos: bool = False, logprobs: bool = False):
+        """Generates a continuation.
+
+        ``prompt``: a str (tokenized with special tokens, e.g. BOS), a list of token ids, or a list
+        of those (then a list of results comes back, each as if generated alone).
+        Options left as None take the model's defaults (:attr:`generation_defaults`):
+        ``temperature`` 0 is greedy; ``top_k`` 0 is off; ``top_p`` in (0, 1]; ``min_p`` in [0, 1];
+        ``repetition_penalty`` > 0 (1 is off). ``seed`` makes sampling reproducible. ``stop``: a
+        string or list of strings that end the generation (cut from the text). ``stop_token_ids``:
+        ids that end it (as EOS does unless ``ignore_eos``).
+        """
+        opts = _check_options(dict(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+            stop_token_ids=stop_token_ids, ignore_eos=bool(ignore_eos), logprobs=bool(logprobs)))
+        prompts, batched = self._prompts(prompt)
+        results = [GenerationResult._from_native(self._n.generate(ids, **opts)) for ids in prompts]
+        return results if batched else results[0]
+
+    def stream(self, prompt, **options) -> Stream:
+        """Like :meth:`generate` for one prompt, but yields text deltas as they are produced."""
+        unknown = set(options) - set(_OPTION_NAMES)
+        if unknown:
+            raise TypeError(f"stream() got unexpected keyword arguments: {sorted(unknown)}")
+        prompts, batched = self._prompts(prompt)
+        if batched:
+            raise TypeError("stream() takes a single prompt, not a batch")
+        opts = _check_options(dict(options))
+        return Stream(self._n.stream(prompts[0], **opts))
+
+    def chat(self, messages, **options):
+        """Applies the chat template to ``messages`` (a list of {"role", "content"} dicts, or a
+        list of such conversations) and generates the assistant's answer."""
+        if isinstance(messages, (list, tuple)) and messages and all(isinstance(m, (list, tuple)) for m in messages):
+            return [self.generate(self._chat_ids(m), **options) for m in messages]
+        return self.generate(self._chat_ids(messages), **options)
+
+    def stream_chat(self, messages, **options) -> Stream:
+        """Streaming version of :meth:`chat` for one conversation."""
+        return self.stream(self._chat_ids(messages), **options)
+
+    # -- argument normalisation --------------------------------------------------------------
+
+    def _chat_ids(self, messages) -> list[int]:
+        return self.tokenize(self.apply_chat_template(messages, True), add_special_tokens=False)
+
+    @staticmethod
+    def _check_messages(messages) -> None:
+        if not isinstance(messages, (list, tuple)):
+            raise TypeError(f"messages must be a list of dicts, got {type(messages).__name__}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping):
+                raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
+            if "role" not in m or "content" not in m:
+                raise ValueError(f"messages[{i}] needs 'role' and 'content' keys, got {sorted(m)}")
+
+    @staticmethod
+    def _ids(ids, what: str, allow_empty: bool = False) -> list[int]:
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise TypeError(f"{what} must be a list of int, got {type(ids).__name__}")
+        ids = list(ids)
+        for i, t in enumerate(ids):
+            if not _is_int(t):
+                # numpy integers are fine
+                if hasattr(t, "__index__") and not isinstance(t, bool):
+                    ids[i] = t.__index__()
+                    continue
+                raise TypeError(f"{what}[{i}] must be an int, got {type(t).__name__} {t!r}")
+        if not ids and not allow_empty:
+            raise ValueError(f"{what} is empty")
+        return ids
+
+    def _prompts(self, prompt) -> tuple[list[list[int]], bool]:
+        """Returns (list of id lists, whether the input was a batch)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return [self.tokenize(prompt)], False
+        if isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            if all(isinstance(p, (str, list, tuple)) for p in prompt):
+                return [self._prompts(p)[0][0] for p in prompt], True
+            return [self._ids(prompt, "prompt")], False
+        raise TypeError(f"prompt must be a str, a list of token ids, or a list of those; got {type(prompt).__name__}")

@@ -1,0 +1,384 @@
+"""Command-line interface of tda-engine.
+
+    tda-engine generate MODEL PROMPT [options]   continue a piece of text
+    tda-engine chat MODEL [MESSAGE] [options]    answer a chat message (interactive without MESSAGE)
+
+Run ``tda-engine --help`` or ``tda-engine generate --help`` for the details.
+The same commands are available as ``python -m tda_engine ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+PROG = "tda-engine"
+
+# Exceptions the engine raises for bad input (a bad path, a broken model, a bad option value).
+# They become a one-line "tda-engine: error: ..." message and exit status 2, never a traceback.
+ENGINE_ERRORS = (FileNotFoundError, ValueError, TypeError)
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CliError(Exception):
+    """An error found by the CLI itself (reported like an engine error)."""
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """The MODEL argument, defined in this one place.
+
+    MODEL is a required positional path today. When an embedded default model is added, make it
+    optional here (e.g. ``nargs="?"`` with ``default=None``) and fill the default in
+    :func:`_resolve_model`; nothing else in this file needs to change.
+    """
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="path to a Hugging Face model directory (config.json, *.safetensors, tokenizer.json, "
+        "tokenizer_config.json)",
+    )
+
+
+def _resolve_model(args: argparse.Namespace) -> str:
+    """The model path to load (the single place to add a default model later)."""
+    return args.model
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "sampling",
+        "Options left out take the model's defaults from its generation_config.json;\n"
+        "without that file, decoding is greedy.",
+    )
+    g.add_argument(
+        "--max-new-tokens", type=int, default=None, metavar="N",
+        help="stop after generating N tokens (default: the model's generation_config.json, else 256; "
+        "generation also stops at the model's context length)",
+    )
+    g.add_argument(
+        "--temperature", type=float, default=None, metavar="T",
+        help="sampling temperature; 0 means greedy, i.e. always the most likely token "
+        "(default: the model's, else 0)",
+    )
+    g.add_argument(
+        "--top-k", type=int, default=None, metavar="K",
+        help="sample only among the K most likely tokens; 0 disables the filter (default: the model's, else 0)",
+    )
+    g.add_argument(
+        "--top-p", type=float, default=None, metavar="P",
+        help="nucleus sampling: sample only among the most likely tokens whose probabilities add up to P, "
+        "in (0, 1]; 1 disables the filter (default: the model's, else 1.0)",
+    )
+    g.add_argument(
+        "--min-p", type=float, default=None, metavar="P",
+        help="drop tokens whose probability is below P times that of the most likely token, in [0, 1]; "
+        "0 disables the filter (default: the model's, else 0.0)",
+    )
+    g.add_argument(
+        "--repetition-penalty", type=float, default=None, metavar="R",
+        help="make tokens already in the text less likely (R > 1) or more likely (R < 1); "
+        "1 disables it (default: the model's, else 1.0)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=None, metavar="S",
+        help="random seed for sampling, for reproducible output (default: a random seed)",
+    )
+    g.add_argument(
+        "--stop", action="append", default=None, metavar="STR",
+        help="stop when the generated text contains STR (STR itself is not printed); "
+        "repeat the option for several stop strings (default: none)",
+    )
+    g.add_argument(
+        "--ignore-eos", action="store_true",
+        help="keep generating past the model's end-of-sequence token (default: stop there)",
+    )
+
+    r = parser.add_argument_group("runtime")
+    r.add_argument(
+        "--dtype", choices=DTYPES, default="float32",
+        help="precision the weights are computed in (default: float32)",
+    )
+    r.add_argument(
+        "--device", default="cpu",
+        help="device to run on (default: cpu)",
+    )
+
+    o = parser.add_argument_group("output")
+    o.add_argument(
+        "--no-stream", action="store_true",
+        help="print the text once it is complete instead of token by token as it is generated",
+    )
+    o.add_argument(
+        "--stats", action="store_true",
+        help="print detailed statistics to stderr (model, load time, prefill and decode speed) "
+        "instead of the default one-line summary",
+    )
+
+
+_GENERATE_EPILOG = """\
+examples:
+  tda-engine generate ./my-model "The capital of France is" --max-new-tokens 32
+  tda-engine generate ./my-model "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 1
+  tda-engine generate ./my-model "1, 2, 3," --stop "10" --no-stream
+
+The generated text goes to stdout; a line of statistics (prompt and generated tokens, prefill
+time, decode speed, why generation finished) goes to stderr.
+"""
+
+_CHAT_EPILOG = """\
+examples:
+  tda-engine chat ./my-model "What is a transformer?"
+  tda-engine chat ./my-model "Summarise this." --system "You are terse." --max-new-tokens 64
+  tda-engine chat ./my-model                     # interactive: an empty line or Ctrl-D quits
+  echo "Hello" | tda-engine chat ./my-model      # the message is read from stdin
+
+The prompt is built with the chat template in the model's tokenizer_config.json. The answer goes
+to stdout; a line of statistics goes to stderr after each answer.
+"""
+
+_MAIN_EPILOG = """\
+examples:
+  tda-engine generate ./my-model "The capital of France is" --max-new-tokens 32
+  tda-engine chat ./my-model "What is a transformer?"
+
+Run "tda-engine COMMAND --help" for the options of a command.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run a Hugging Face causal language model (LLaMA family: Llama, Mistral, Qwen,\n"
+        "Gemma) on the tda-engine inference engine.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    sub.required = True
+
+    gen = sub.add_parser(
+        "generate",
+        help="continue a prompt (plain text completion)",
+        description="Continue PROMPT with text generated by the model, printing the text as it is\n"
+        "generated.",
+        epilog=_GENERATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_argument(gen)
+    gen.add_argument("prompt", metavar="PROMPT", help="the text to continue")
+    _add_generation_options(gen)
+    gen.set_defaults(func=_cmd_generate)
+
+    chat = sub.add_parser(
+        "chat",
+        help="answer a chat message, or chat interactively",
+        description="Send MESSAGE to the model as the user's turn of a chat (formatted with the\n"
+        "model's chat template) and print the answer. Without MESSAGE, the message is read\n"
+        "from stdin; when stdin is a terminal, an interactive conversation starts that keeps\n"
+        "its history.",
+        epilog=_CHAT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_argument(chat)
+    chat.add_argument(
+        "message", metavar="MESSAGE", nargs="?", default=None,
+        help="the user's message (default: read from stdin, or interactive when stdin is a terminal)",
+    )
+    chat.add_argument(
+        "--system", metavar="TEXT", default=None,
+        help="a system message put before the conversation (default: none)",
+    )
+    _add_generation_options(chat)
+    chat.set_defaults(func=_cmd_chat)
+    return parser
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _generation_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _load_engine(args: argparse.Namespace):
+    from tda_engine import Engine  # imported late: `--help` works even without the native module
+
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(_resolve_model(args), device=args.device, dtype=args.dtype)
+    args._load_s = time.perf_counter() - t0
+    return engine
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _run(engine, prompt, args: argparse.Namespace):
+    """Generate for one prompt, printing the text; returns the GenerationResult."""
+    kwargs = _generation_kwargs(args)
+    if args.no_stream:
+        result = engine.generate(prompt, **kwargs)
+        _write(result.text)
+    else:
+        it = engine.stream(prompt, **kwargs)
+        for delta in it:
+            _write(delta)
+        result = it.result
+    _write("\n")
+    _print_stats(engine, result, args)
+    return result
+
+
+def _print_stats(engine, result, args: argparse.Namespace) -> None:
+    u, t = result.usage, result.timings
+    line = (
+        f"[prompt tokens: {u.prompt_tokens}, generated tokens: {u.completion_tokens}, "
+        f"prefill: {t.prefill_s:.3f} s, decode: {t.decode_tokens_per_s:.1f} tokens/s, "
+        f"finish reason: {result.finish_reason}]"
+    )
+    print(line, file=sys.stderr)
+    if args.stats:
+        info = dict(getattr(engine, "model_info", {}) or {})
+        prefill_tps = u.prompt_tokens / t.prefill_s if t.prefill_s > 0 else float("inf")
+        details = [
+            ("model", _resolve_model(args)),
+            ("architecture", info.get("architecture")),
+            ("layers", info.get("num_layers")),
+            ("hidden size", info.get("hidden_size")),
+            ("vocab size", info.get("vocab_size")),
+            ("dtype", info.get("dtype", args.dtype)),
+            ("device", info.get("device", args.device)),
+            ("load time", f"{getattr(args, '_load_s', 0.0):.3f} s"),
+            ("prefill", f"{u.prompt_tokens} tokens in {t.prefill_s:.4f} s ({prefill_tps:.1f} tokens/s)"),
+            ("decode", f"{u.completion_tokens} tokens in {t.decode_s:.4f} s "
+                       f"({t.decode_tokens_per_s:.1f} tokens/s)"),
+            ("finish reason", result.finish_reason),
+        ]
+        for key, value in details:
+            print(f"  {key + ':':<15}{value}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.prompt == "":
+        raise CliError("PROMPT is empty")
+    engine = _load_engine(args)
+    _run(engine, args.prompt, args)
+    return EXIT_OK
+
+
+def _chat_prompt_ids(engine, messages: List[Dict[str, str]]) -> List[int]:
+    # The chat template writes the special tokens (BOS ...) itself, so the rendered text is
+    # tokenized without adding them again: the same ids as Engine.chat() uses.
+    text = engine.apply_chat_template(messages, add_generation_prompt=True)
+    return engine.tokenize(text, add_special_tokens=False)
+
+
+def _chat_once(engine, messages: List[Dict[str, str]], args: argparse.Namespace):
+    if args.no_stream:
+        kwargs = _generation_kwargs(args)
+        result = engine.chat(messages, **kwargs)
+        _write(result.text + "\n")
+        _print_stats(engine, result, args)
+        return result
+    return _run(engine, _chat_prompt_ids(engine, messages), args)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    history: List[Dict[str, str]] = []
+    if args.system is not None:
+        history.append({"role": "system", "content": args.system})
+
+    message: Optional[str] = args.message
+    interactive = message is None and sys.stdin is not None and sys.stdin.isatty()
+    if message is None and not interactive:
+        message = sys.stdin.read() if sys.stdin is not None else ""
+        message = message.rstrip("\n")
+    if not interactive and not message:
+        raise CliError("MESSAGE is empty (give it as an argument or on stdin)")
+
+    engine = _load_engine(args)
+    if not interactive:
+        _chat_once(engine, history + [{"role": "user", "content": message}], args)
+        return EXIT_OK
+
+    print("Chatting with the model; an empty line or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        try:
+            result = _chat_once(engine, history, args)
+        except ENGINE_ERRORS as e:
+            history.pop()
+            _print_error(e)
+            continue
+        history.append({"role": "assistant", "content": result.text})
+    return EXIT_OK
+
+
+def _print_error(e: BaseException) -> None:
+    msg = " ".join(str(e).split("\n")).strip() or type(e).__name__
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``tda-engine`` console script; returns the exit status."""
+    for stream in (sys.stdout, sys.stderr):
+        # Model output may contain characters the terminal's encoding cannot show: replace them
+        # rather than crash.
+        try:
+            stream.reconfigure(errors="replace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            pass
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, *ENGINE_ERRORS) as e:
+        _print_error(e)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # stdout was closed early (e.g. piped into `head`): not an error. Point stdout at
+        # /dev/null so that the flush at interpreter exit does not complain again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

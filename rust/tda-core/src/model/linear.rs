@@ -1,0 +1,53 @@
+//! `y = x W^T + b`: a GEMM for a batch of rows (prefill), the decode kernel for a single row.
+
+use crate::error::{Error, Result};
+use crate::kernels::cpu::{gemv, with_weights};
+use crate::load::WeightSource;
+use candle_core::{DType, Device, Tensor};
+
+pub struct Linear {
+    /// `(out_dim, in_dim)`, in the engine dtype.
+    pub weight: Tensor,
+    pub bias: Option<Vec<f32>>,
+    pub in_dim: usize,
+    pub out_dim: usize,
+}
+
+impl Linear {
+    pub fn load(src: &dyn WeightSource, name: &str, in_dim: usize, out_dim: usize, bias: bool, dtype: DType) -> Result<Self> {
+        let weight = src.tensor(&format!("{name}.weight"), &[out_dim, in_dim], dtype)?;
+        let bias = if bias { Some(load_vector(src, &format!("{name}.bias"), out_dim)?) } else { None };
+        Ok(Self { weight, bias, in_dim, out_dim })
+    }
+
+    /// `x` holds `rows` rows of `in_dim`; `out` receives `rows` rows of `out_dim`.
+    pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
+        let (x, out) = (&x[..rows * self.in_dim], &mut out[..rows * self.out_dim]);
+        if rows == 1 {
+            with_weights(&self.weight, |w| gemv(w, self.in_dim, x, out))?;
+        } else {
+            // Prefill: candle's multi-threaded GEMM, in f32 (bf16/f16 weights are widened here).
+            let xt = Tensor::from_slice(x, (rows, self.in_dim), &Device::Cpu)?;
+            let w = self.weight.to_dtype(DType::F32)?;
+            let y = xt.matmul(&w.t()?)?.flatten_all()?;
+            let (storage, _) = y.storage_and_layout();
+            match &*storage {
+                candle_core::Storage::Cpu(s) => out.copy_from_slice(s.as_slice::<f32>()?),
+                _ => return Err(Error::Internal("prefill GEMM produced a non-CPU tensor".into())),
+            }
+        }
+        if let Some(b) = &self.bias {
+            for row in out.chunks_mut(self.out_dim) {
+                for (o, bi) in row.iter_mut().zip(b) {
+                    *o += bi;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A 1-D parameter (norm weight, bias) as f32.
+pub fn load_vector(src: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>> {
+    Ok(src.tensor(name, &[len], DType::F32)?.to_vec1::<f32>()?)
+}

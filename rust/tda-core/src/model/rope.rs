@@ -1,0 +1,75 @@
+//! Rotary position embeddings, HF's "rotate half" layout: for i < d/2,
+//! `x'[i] = x[i] cos - x[i+d/2] sin` and `x'[i+d/2] = x[i+d/2] cos + x[i] sin`, angle `pos * inv_freq[i]`.
+
+use crate::config::{RopeConfig, RopeScaling};
+
+/// The per-pair inverse frequencies, after scaling, as HF computes them.
+pub fn inv_freq(cfg: &RopeConfig, head_dim: usize) -> Vec<f32> {
+    let base: Vec<f64> = (0..head_dim / 2)
+        .map(|i| 1.0 / cfg.theta.powf((2 * i) as f64 / head_dim as f64))
+        .collect();
+    match cfg.scaling {
+        RopeScaling::None => base.iter().map(|&f| f as f32).collect(),
+        RopeScaling::Linear { factor } => base.iter().map(|&f| (f / factor) as f32).collect(),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    let g = if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    };
+                    g as f32
+                })
+                .collect()
+        }
+    }
+}
+
+/// cos/sin for positions `0..len`, `head_dim / 2` values per position.
+pub struct RopeTable {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl RopeTable {
+    pub fn new(cfg: &RopeConfig, head_dim: usize, len: usize) -> Self {
+        let inv = inv_freq(cfg, head_dim);
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in 0..len {
+            for &f in &inv {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self { cos, sin, half }
+    }
+
+    pub fn len(&self) -> usize {
+        self.cos.len() / self.half
+    }
+
+    /// Rotates every head (`head_dim` values each) of one token at position `pos`, in place.
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let h = self.half;
+        let (cos, sin) = (&self.cos[pos * h..(pos + 1) * h], &self.sin[pos * h..(pos + 1) * h]);
+        for head in x.chunks_mut(2 * h) {
+            let (a, b) = head.split_at_mut(h);
+            for i in 0..h {
+                let (x1, x2) = (a[i], b[i]);
+                a[i] = x1 * cos[i] - x2 * sin[i];
+                b[i] = x2 * cos[i] + x1 * sin[i];
+            }
+        }
+    }
+}
