@@ -126,7 +126,11 @@ def test_truncated_safetensors(tmp_path, name):
     check_raises(ValueError, lambda: _load(d), f.name)
 
 
-@pytest.mark.parametrize("garbage", [b"\xff" * 64, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}", b"abc"])
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\xff" * 64, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}", b"abc"],
+    ids=["all-0xff", "bad-json-header", "3-bytes"],
+)
 def test_garbage_safetensors(tmp_path, garbage):
     d = copy_model(SINGLE, tmp_path / "m")
     f = _weight_files(d)[0]
@@ -134,7 +138,7 @@ def test_garbage_safetensors(tmp_path, garbage):
     check_raises(ValueError, lambda: _load(d), f.name)
 
 
-@pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers", "vocab_size"])
+@pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers", "num_attention_heads"])
 def test_config_missing_field(tmp_path, field):
     d = copy_model(SINGLE, tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
@@ -233,7 +237,8 @@ def _engine_still_works(request):
 def test_empty_prompt(eng, prompt):
     check_raises(ValueError, lambda: eng.generate(prompt, max_new_tokens=2), "prompt")
     check_raises(ValueError, lambda: list(eng.stream(prompt, max_new_tokens=2)), "prompt")
-    check_raises(ValueError, lambda: eng.forward(prompt), "prompt")
+    if isinstance(prompt, list):  # forward() takes ids only
+        check_raises(ValueError, lambda: eng.forward(prompt), ("ids", "prompt", "empty"))
 
 
 def test_empty_prompt_in_batch(eng, r):

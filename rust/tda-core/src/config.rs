@@ -47,15 +47,8 @@ pub enum NormStyle {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     None,
-    Linear {
-        factor: f64,
-    },
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: f64,
-    },
+    Linear { factor: f64 },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -121,11 +114,9 @@ impl ModelConfig {
 
     /// Parses an HF `config.json` text. `source` names the file in errors.
     pub fn from_hf_json(text: &str, source: &str) -> Result<Self> {
-        let root: Value = serde_json::from_str(text)
-            .map_err(|e| Error::model(format!("invalid JSON in {source}: {e}")))?;
-        let root = root
-            .as_object()
-            .ok_or_else(|| Error::model(format!("{source}: expected a JSON object")))?;
+        let root: Value =
+            serde_json::from_str(text).map_err(|e| Error::model(format!("invalid JSON in {source}: {e}")))?;
+        let root = root.as_object().ok_or_else(|| Error::model(format!("{source}: expected a JSON object")))?;
         let architecture = match root.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str) {
             Some(a) => a.to_string(),
             None => match root.get("model_type").and_then(Value::as_str) {
@@ -177,7 +168,12 @@ impl ModelConfig {
                 "{source}: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
             )));
         }
-        for (name, v) in [("hidden_size", hidden_size), ("num_attention_heads", num_heads), ("num_hidden_layers", num_layers), ("head_dim", head_dim)] {
+        for (name, v) in [
+            ("hidden_size", hidden_size),
+            ("num_attention_heads", num_heads),
+            ("num_hidden_layers", num_layers),
+            ("head_dim", head_dim),
+        ] {
             if v == 0 {
                 return Err(Error::model(format!("{source}: field '{name}' must be positive")));
             }
@@ -306,9 +302,7 @@ pub(crate) fn token_ids(v: Option<&Value>) -> Vec<u32> {
 /// Which layers use sliding-window attention: `layer_types` when given, else each architecture's rule.
 fn layer_types(f: &Fields, arch: Arch, n: usize) -> Result<Vec<bool>> {
     if let Some(v) = f.map.get("layer_types").filter(|v| !v.is_null()) {
-        let list = v
-            .as_array()
-            .ok_or_else(|| Error::model(format!("{}: 'layer_types' must be a list", f.source)))?;
+        let list = v.as_array().ok_or_else(|| Error::model(format!("{}: 'layer_types' must be a list", f.source)))?;
         if list.len() != n {
             return Err(Error::model(format!(
                 "{}: 'layer_types' has {} entries but num_hidden_layers is {n}",
@@ -375,7 +369,7 @@ fn parse_ropes(f: &Fields, arch: Arch) -> Result<(Vec<RopeConfig>, LayerRope)> {
             Some(p) => (rope_from_obj(p, default_theta, f.source)?, classic_local(f)?),
             None => (classic_rope(f, default_theta)?, classic_local(f)?),
         };
-        return Ok((vec![global, local], Box::new(|sliding| usize::from(sliding))));
+        return Ok((vec![global, local], Box::new(usize::from)));
     }
     let rope = match params {
         Some(p) => rope_from_obj(p, default_theta, f.source)?,
@@ -437,8 +431,7 @@ impl Fields<'_> {
         Error::model(format!("{}: field '{key}' must be {want}, got {}", self.source, self.map[key]))
     }
     fn req_usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key)?
-            .ok_or_else(|| Error::model(format!("{}: missing required field '{key}'", self.source)))
+        self.opt_usize(key)?.ok_or_else(|| Error::model(format!("{}: missing required field '{key}'", self.source)))
     }
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.map.get(key) {
@@ -484,7 +477,10 @@ mod tests {
     fn classic_and_v5_layouts_agree() {
         let classic = ModelConfig::from_hf_json(LLAMA, "c").unwrap();
         let v5 = LLAMA
-            .replace(r#""rope_theta":500000.0,"rope_scaling":{"rope_type""#, r#""rope_parameters":{"rope_theta":500000.0,"rope_type""#)
+            .replace(
+                r#""rope_theta":500000.0,"rope_scaling":{"rope_type""#,
+                r#""rope_parameters":{"rope_theta":500000.0,"rope_type""#,
+            )
             .replace("torch_dtype", "dtype");
         let v5 = ModelConfig::from_hf_json(&v5, "v").unwrap();
         assert_eq!(classic.ropes, v5.ropes);

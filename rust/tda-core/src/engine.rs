@@ -79,7 +79,9 @@ pub fn parse_device(s: &str) -> Result<String> {
         return Ok(lower);
     }
     if lower == "cuda" || lower.starts_with("cuda:") {
-        return Err(Error::arg(format!("device '{s}' is not available: this build of tda-engine has no CUDA support; use 'cpu'")));
+        return Err(Error::arg(format!(
+            "device '{s}' is not available: this build of tda-engine has no CUDA support; use 'cpu'"
+        )));
     }
     Err(Error::arg(format!("unknown device '{s}'; expected 'cpu' or 'cuda[:N]'")))
 }
@@ -113,10 +115,20 @@ impl Engine {
             eos.extend(tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)));
         }
         Ok(Self {
-            shared: Arc::new(Shared { model, tokenizer, defaults, eos_token_ids: eos, device, pool: Mutex::new(vec![]) }),
+            shared: Arc::new(Shared {
+                model,
+                tokenizer,
+                defaults,
+                eos_token_ids: eos,
+                device,
+                pool: Mutex::new(vec![]),
+            }),
         })
     }
 
+    pub fn model(&self) -> &Model {
+        &self.shared.model
+    }
     pub fn config(&self) -> &ModelConfig {
         &self.shared.model.cfg
     }
@@ -152,7 +164,10 @@ impl Engine {
             return Err(Error::arg("the prompt is empty"));
         }
         if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= cfg.vocab_size) {
-            return Err(Error::arg(format!("token id {t} at index {i} is out of range for vocab_size {}", cfg.vocab_size)));
+            return Err(Error::arg(format!(
+                "token id {t} at index {i} is out of range for vocab_size {}",
+                cfg.vocab_size
+            )));
         }
         if as_prompt && ids.len() >= cfg.max_position_embeddings {
             return Err(Error::arg(format!(

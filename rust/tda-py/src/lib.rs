@@ -39,7 +39,8 @@ fn to_ids(ids: Vec<i64>, what: &str) -> PyResult<Vec<u32>> {
     ids.iter()
         .enumerate()
         .map(|(i, &t)| {
-            u32::try_from(t).map_err(|_| PyValueError::new_err(format!("{what}: token id {t} at index {i} is out of range")))
+            u32::try_from(t)
+                .map_err(|_| PyValueError::new_err(format!("{what}: token id {t} at index {i} is out of range")))
         })
         .collect()
 }
@@ -166,7 +167,12 @@ impl Engine {
 
     /// `messages_json`: a JSON list of {"role", "content"} objects.
     #[pyo3(signature = (messages_json, add_generation_prompt = true))]
-    fn apply_chat_template(&self, py: Python<'_>, messages_json: &str, add_generation_prompt: bool) -> PyResult<String> {
+    fn apply_chat_template(
+        &self,
+        py: Python<'_>,
+        messages_json: &str,
+        add_generation_prompt: bool,
+    ) -> PyResult<String> {
         let messages: serde_json::Value =
             serde_json::from_str(messages_json).map_err(|e| PyValueError::new_err(format!("messages: {e}")))?;
         compute(py, || self.inner.tokenizer().apply_chat_template(&messages, add_generation_prompt))
@@ -201,7 +207,19 @@ impl Engine {
         logprobs: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let ids = to_ids(ids, "prompt")?;
-        let opts = options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, stop_token_ids, ignore_eos, logprobs)?;
+        let opts = options(
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            stop,
+            stop_token_ids,
+            ignore_eos,
+            logprobs,
+        )?;
         let out = compute(py, || self.inner.generate(ids, &opts))?;
         output_dict(py, out)
     }
@@ -227,7 +245,19 @@ impl Engine {
         logprobs: bool,
     ) -> PyResult<Stream> {
         let ids = to_ids(ids, "prompt")?;
-        let opts = options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, stop_token_ids, ignore_eos, logprobs)?;
+        let opts = options(
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            stop,
+            stop_token_ids,
+            ignore_eos,
+            logprobs,
+        )?;
         let generation = compute(py, || self.inner.start(ids, &opts))?;
         Ok(Stream { state: Mutex::new(StreamState { generation: Some(generation), output: None }) })
     }

@@ -20,14 +20,11 @@ impl SafetensorsWeights {
         let single = dir.join("model.safetensors");
         let paths: Vec<PathBuf> = if index.exists() {
             let json: serde_json::Value = parse_json(&read_text(&index, "weight index")?, &index)?;
-            let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                Error::model(format!("{}: missing 'weight_map'", index.display()))
-            })?;
-            let mut shards: Vec<PathBuf> = map
-                .values()
-                .filter_map(|v| v.as_str())
-                .map(|f| dir.join(f))
-                .collect();
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::model(format!("{}: missing 'weight_map'", index.display())))?;
+            let mut shards: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
             shards.sort();
             shards.dedup();
             shards
@@ -47,9 +44,8 @@ impl SafetensorsWeights {
             }
             // SAFETY: the file is mapped read-only; the engine never writes to it. Like every
             // mmap-based loader, we rely on the file not being truncated while the engine loads.
-            let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| {
-                Error::model(format!("corrupt or truncated safetensors file {}: {e}", path.display()))
-            })?;
+            let st = unsafe { MmapedSafetensors::new(&path) }
+                .map_err(|e| Error::model(format!("corrupt or truncated safetensors file {}: {e}", path.display())))?;
             for (name, _) in st.tensors() {
                 routing.insert(name, files.len());
             }
@@ -65,10 +61,8 @@ impl WeightSource for SafetensorsWeights {
     }
 
     fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let &i = self
-            .routing
-            .get(name)
-            .ok_or_else(|| Error::model(format!("missing tensor '{name}' in the checkpoint")))?;
+        let &i =
+            self.routing.get(name).ok_or_else(|| Error::model(format!("missing tensor '{name}' in the checkpoint")))?;
         let (path, st) = &self.files[i];
         let view = st.get(name).map_err(|e| Error::model(format!("{}: {e}", path.display())))?;
         if view.shape() != shape {

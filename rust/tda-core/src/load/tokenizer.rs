@@ -62,9 +62,7 @@ impl TextTokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| Error::arg(format!("cannot detokenize ids: {e}")))
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| Error::arg(format!("cannot detokenize ids: {e}")))
     }
 
     /// Renders a conversation (a JSON list of `{"role", "content"}` objects) with the model's template.
@@ -77,13 +75,8 @@ impl TextTokenizer {
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
-        env.add_function("strftime_now", |fmt: String| -> String {
-            // Templates use it for "today's date"; a fixed, documented answer keeps rendering deterministic.
-            let _ = fmt;
-            "26 Jul 2024".to_string()
-        });
-        env.add_template("chat", template)
-            .map_err(|e| Error::model(format!("invalid chat template: {e}")))?;
+        env.add_function("strftime_now", |fmt: String| strftime_utc_today(&fmt));
+        env.add_template("chat", template).map_err(|e| Error::model(format!("invalid chat template: {e}")))?;
         let ctx = minijinja::context! {
             messages => minijinja::Value::from_serialize(messages),
             add_generation_prompt => add_generation_prompt,
@@ -102,5 +95,80 @@ fn special_token(v: Option<&Value>) -> Option<String> {
         Value::String(s) => Some(s.clone()),
         Value::Object(m) => m.get("content").and_then(Value::as_str).map(str::to_string),
         _ => None,
+    }
+}
+
+/// Today's UTC date in a `strftime` format (the subset chat templates use: %d %m %Y %y %b %B %A %a %%).
+fn strftime_utc_today(fmt: &str) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (m, weekday) = ((month - 1) as usize, DAYS[days.rem_euclid(7) as usize]);
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('b') => out.push_str(&MONTHS[m][..3]),
+            Some('B') => out.push_str(MONTHS[m]),
+            Some('A') => out.push_str(weekday),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strftime_formats_a_plausible_date() {
+        let s = strftime_utc_today("%d %b %Y|%B|%m|%A|100%%");
+        let parts: Vec<&str> = s.split('|').collect();
+        let dmy: Vec<&str> = parts[0].split(' ').collect();
+        assert_eq!(dmy[0].len(), 2);
+        assert!(dmy[2].parse::<i32>().unwrap() >= 2024);
+        assert!(parts[1].starts_with(dmy[1]));
+        assert!((1..=12).contains(&parts[2].parse::<i32>().unwrap()));
+        assert!(parts[3].ends_with("day"));
+        assert_eq!(parts[4], "100%");
     }
 }

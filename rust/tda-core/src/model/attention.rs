@@ -80,7 +80,8 @@ impl Attention {
         out: &mut [f32],
     ) -> Result<()> {
         let (qd, kvd, hd) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim);
-        let (q, k, v, ctx) = (&mut b.q[..rows * qd], &mut b.k[..rows * kvd], &mut b.v[..rows * kvd], &mut b.ctx[..rows * qd]);
+        let (q, k, v, ctx) =
+            (&mut b.q[..rows * qd], &mut b.k[..rows * kvd], &mut b.v[..rows * kvd], &mut b.ctx[..rows * qd]);
         self.q_proj.forward(x, rows, q)?;
         self.k_proj.forward(x, rows, k)?;
         self.v_proj.forward(x, rows, v)?;

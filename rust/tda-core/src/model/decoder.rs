@@ -8,7 +8,7 @@
 //! logits = cap(norm(x) W_lm^T)
 //! ```
 
-use super::attention::{AttnBuffers, Attention};
+use super::attention::{Attention, AttnBuffers};
 use super::ffn::Ffn;
 use super::norm::RmsNorm;
 use super::state::State;
@@ -73,13 +73,37 @@ impl Model {
             });
         }
         let final_norm = norm(&format!("{prefix}norm"))?;
-        let lm_weight = if cfg.tie_word_embeddings || matches!(cfg.arch, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3) && !src.contains("lm_head.weight") {
+        let lm_weight = if cfg.tie_word_embeddings
+            || matches!(cfg.arch, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3) && !src.contains("lm_head.weight")
+        {
             embed.clone()
         } else {
             src.tensor("lm_head.weight", &[v, d], dtype)?
         };
         let lm_head = super::linear::Linear { weight: lm_weight, bias: None, in_dim: d, out_dim: v };
         Ok(Self { cfg, dtype, embed, layers, final_norm, lm_head })
+    }
+
+    /// Bytes of weights one decode step reads: every projection, the LM head and the norms
+    /// (the embedding lookup reads one row and is not counted).
+    pub fn decode_weight_bytes(&self) -> usize {
+        let lin = |l: &super::linear::Linear| l.weight.elem_count() * l.weight.dtype().size_in_bytes();
+        let per_layer: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.attn;
+                lin(&a.q_proj)
+                    + lin(&a.k_proj)
+                    + lin(&a.v_proj)
+                    + lin(&a.o_proj)
+                    + lin(&l.ffn.gate)
+                    + lin(&l.ffn.up)
+                    + lin(&l.ffn.down)
+            })
+            .sum();
+        let norms = (self.layers.len() * 4 + 1) * self.cfg.hidden_size * 4;
+        per_layer + lin(&self.lm_head) + norms
     }
 
     pub fn new_state(&self, rows: usize, capacity: usize) -> State {

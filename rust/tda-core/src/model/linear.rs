@@ -14,7 +14,14 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn load(src: &dyn WeightSource, name: &str, in_dim: usize, out_dim: usize, bias: bool, dtype: DType) -> Result<Self> {
+    pub fn load(
+        src: &dyn WeightSource,
+        name: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        dtype: DType,
+    ) -> Result<Self> {
         let weight = src.tensor(&format!("{name}.weight"), &[out_dim, in_dim], dtype)?;
         let bias = if bias { Some(load_vector(src, &format!("{name}.bias"), out_dim)?) } else { None };
         Ok(Self { weight, bias, in_dim, out_dim })

@@ -5,9 +5,7 @@ use crate::config::{RopeConfig, RopeScaling};
 
 /// The per-pair inverse frequencies, after scaling, as HF computes them.
 pub fn inv_freq(cfg: &RopeConfig, head_dim: usize) -> Vec<f32> {
-    let base: Vec<f64> = (0..head_dim / 2)
-        .map(|i| 1.0 / cfg.theta.powf((2 * i) as f64 / head_dim as f64))
-        .collect();
+    let base: Vec<f64> = (0..head_dim / 2).map(|i| 1.0 / cfg.theta.powf((2 * i) as f64 / head_dim as f64)).collect();
     match cfg.scaling {
         RopeScaling::None => base.iter().map(|&f| f as f32).collect(),
         RopeScaling::Linear { factor } => base.iter().map(|&f| (f / factor) as f32).collect(),
@@ -53,10 +51,6 @@ impl RopeTable {
             }
         }
         Self { cos, sin, half }
-    }
-
-    pub fn len(&self) -> usize {
-        self.cos.len() / self.half
     }
 
     /// Rotates every head (`head_dim` values each) of one token at position `pos`, in place.

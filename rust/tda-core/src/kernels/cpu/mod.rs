@@ -16,9 +16,8 @@ pub enum WeightSlice<'a> {
 /// Runs `f` on the raw elements of a contiguous CPU tensor (no copy).
 pub fn with_weights<R>(t: &Tensor, f: impl FnOnce(WeightSlice<'_>) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Internal("weight tensor is not contiguous".into()))?;
+    let (start, end) =
+        layout.contiguous_offsets().ok_or_else(|| Error::Internal("weight tensor is not contiguous".into()))?;
     let Storage::Cpu(cpu) = &*storage else {
         return Err(Error::Internal("decode kernels need CPU weights".into()));
     };
