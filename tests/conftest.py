@@ -91,7 +91,7 @@ class Ref:
     def text_config(self) -> Dict[str, Any]:
         """The decoder's part of config.json (gemma3 nests it under text_config)."""
         c = self.config
-        return c.get("text_config", c) if "text_config" in c and "hidden_size" not in c else c
+        return c["text_config"] if "hidden_size" not in c and "text_config" in c else c
 
     @property
     def max_position_embeddings(self) -> int:

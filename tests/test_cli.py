@@ -191,3 +191,33 @@ def test_main_function_returns_exit_code(capsys, engine_for):
     assert out.out == want.text + "\n"
     assert main(["generate", "/nonexistent/model/dir", "Hello"]) == 2
     assert "tda-engine: error:" in capsys.readouterr().err
+
+
+def test_chat_interactive_keeps_history(engine_for):
+    """With no MESSAGE and a terminal on stdin, chat is a conversation; an empty line ends it."""
+    import pty
+
+    engine = engine_for(CHAT_MODEL)
+    kw = dict(max_new_tokens=6, temperature=0)
+    history = [{"role": "user", "content": "Hi there"}]
+    first = engine.chat(history, **kw)
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And then?"}]
+    second = engine.chat(history, **kw)
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tda_engine", "chat", str(model_dir(CHAT_MODEL)), "--max-new-tokens", "6",
+             "--temperature", "0"],
+            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=dict(os.environ, PYTHONIOENCODING="utf-8"),
+        )
+        os.write(master, b"Hi there\nAnd then?\n\n")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode("utf-8") == first.text + "\n" + second.text + "\n"
+    assert err.decode().count("prompt tokens") == 2
+    assert f"prompt tokens: {second.usage.prompt_tokens}" in err.decode()

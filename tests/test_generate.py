@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -23,10 +25,6 @@ def _sliding_window(ref):
     tc = ref.text_config()
     w = tc.get("sliding_window")
     return int(w) if w else None
-
-
-def _probs_at(lsm_row):
-    return np.exp(lsm_row)
 
 
 # --------------------------------------------------------------------------- cached decode == full forward
@@ -87,6 +85,9 @@ def test_logprobs_are_untempered(model, engine):
 
 
 SAMPLE_KW = dict(max_new_tokens=16, ignore_eos=True)
+# Explicit "off" values for the filters, so that a model's generation_config defaults (qwen2 has
+# top_k 20, top_p 0.9) do not add filters a test does not mean to apply.
+NEUTRAL = dict(top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
 
 
 def test_seeded_sampling_is_reproducible(model, engine):
@@ -128,7 +129,9 @@ def test_degenerate_sampling_is_greedy(model, engine, kw):
 def _check_filter(model, engine, prompt, flt, name):
     """Sample with one filter at temperature 1 and check every chosen token passed the filter,
     judged on the full forward's distribution at its position."""
-    out = engine.generate(prompt, temperature=1.0, seed=5, max_new_tokens=16, ignore_eos=True, **{name: flt})
+    kw = dict(NEUTRAL, temperature=1.0, seed=5, max_new_tokens=16, ignore_eos=True)
+    kw[name] = flt
+    out = engine.generate(prompt, **kw)
     _, lsm = _forward_lsm(engine, prompt + out.token_ids)
     p = len(prompt)
     for i, tok in enumerate(out.token_ids):
@@ -154,8 +157,69 @@ def _check_filter(model, engine, prompt, flt, name):
 def test_sampling_filters(model, engine, name, flt):
     ref = ref_for(model)
     a = _check_filter(model, engine, ref.prompt_ids, flt, name)
-    b = engine.generate(ref.prompt_ids, temperature=1.0, seed=5, max_new_tokens=16, ignore_eos=True, **{name: flt})
+    b = engine.generate(ref.prompt_ids, **dict(NEUTRAL, temperature=1.0, seed=5, max_new_tokens=16, ignore_eos=True,
+                                               **{name: flt}))
     assert a.token_ids == b.token_ids
+
+
+def _expected_dist(logits_row, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """The sampling distribution of one filter applied to softmax(logits / temperature)."""
+    z = logits_row.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    keep = np.ones_like(p, dtype=bool)
+    if top_k:
+        keep &= p >= np.sort(p)[-top_k]
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        before = np.cumsum(p[order]) - p[order]  # mass of the strictly more likely tokens
+        nucleus = np.zeros_like(keep)
+        nucleus[order[before < top_p]] = True
+        keep &= nucleus
+    if min_p > 0.0:
+        keep &= p >= min_p * p.max()
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+SAMPLERS = [
+    ("llama2", dict(temperature=1.0)),
+    ("llama2", dict(temperature=0.6)),
+    ("llama2", dict(temperature=1.8, top_k=6)),
+    ("llama2", dict(temperature=1.0, top_p=0.6)),
+    ("llama2", dict(temperature=1.0, min_p=0.15)),
+    ("gemma2", dict(temperature=0.8)),  # final logit soft-capping
+    ("qwen2", dict(temperature=1.3, top_k=0, top_p=1.0)),  # overriding its generation_config defaults
+]
+
+
+@pytest.mark.parametrize(
+    "model_name,kw", SAMPLERS, ids=[m + ":" + ",".join(f"{k}={v}" for k, v in kw.items()) for m, kw in SAMPLERS]
+)
+def test_sampling_distribution(model_name, engine_for, kw):
+    """The first sampled token, over many seeds, follows softmax(logits / T) restricted by the
+    filter and renormalised. Each token's frequency must lie within 5 standard deviations (+1/N)
+    of its expected probability; tokens outside the filter must never appear."""
+    if model_name not in MODELS:
+        pytest.skip(f"no fixture {model_name}")
+    ref = ref_for(model_name)
+    engine = engine_for(model_name)
+    prompt = ref.prompt_ids[:6]
+    want = _expected_dist(engine.forward(prompt)[-1], **kw)
+    n = 1000
+    counts = np.zeros_like(want)
+    for seed in range(n):
+        out = engine.generate(prompt, max_new_tokens=1, seed=seed, ignore_eos=True, **kw)
+        counts[out.token_ids[0]] += 1
+    freq = counts / n
+    outside = np.flatnonzero((want == 0) & (counts > 0))
+    assert outside.size == 0, f"{model_name} {kw}: sampled tokens outside the filter: {outside.tolist()}"
+    tol = 5 * np.sqrt(want * (1 - want) / n) + 1.0 / n
+    bad = np.flatnonzero(np.abs(freq - want) > tol)
+    assert bad.size == 0, (
+        f"{model_name} {kw}: token frequencies off: "
+        + ", ".join(f"{t}: {freq[t]:.3f} vs {want[t]:.3f}" for t in bad[:8])
+    )
 
 
 @pytest.mark.parametrize("model_name", ["llama2", "qwen3", "gemma2"])
@@ -225,6 +289,31 @@ def test_stop_string(model, engine):
         assert stop not in engine.generate(ref.prompt_ids, max_new_tokens=k - 1, temperature=0, ignore_eos=True).text
 
 
+def test_stop_string_edge_cases(model, engine):
+    ref = ref_for(model)
+    full = _full(engine, ref)
+    # a stop string at the very start of the generated text: nothing is returned
+    head = full.text[:2]
+    if "\ufffd" not in head and head.strip() == head and head:
+        out = engine.generate(ref.prompt_ids, max_new_tokens=N_GREEDY, temperature=0, ignore_eos=True, stop=[head])
+        assert out.text == "" and out.finish_reason == "stop"
+        assert out.token_ids == full.token_ids[: len(out.token_ids)]
+        it = engine.stream(ref.prompt_ids, max_new_tokens=N_GREEDY, temperature=0, ignore_eos=True, stop=[head])
+        assert list(it) in ([], [""]) and it.result.finish_reason == "stop"
+    # stop strings are looked for in the generated text only, not in the prompt
+    prompt_text = ref.json.get("prompt") or engine.detokenize(ref.prompt_ids, skip_special_tokens=True)
+    tail = prompt_text[-5:]
+    assert engine.detokenize(ref.prompt_ids, skip_special_tokens=True).endswith(tail)
+    if tail not in full.text:
+        out = engine.generate(ref.prompt_ids, max_new_tokens=N_GREEDY, temperature=0, ignore_eos=True, stop=[tail])
+        assert out.finish_reason == "length" and out.token_ids == full.token_ids, "stop string matched the prompt"
+    # logprobs stay aligned with token_ids when a stop string ends generation
+    stop = _pick_stop(full.text, 0.5)
+    out = engine.generate(ref.prompt_ids, max_new_tokens=N_GREEDY, temperature=0, ignore_eos=True, stop=[stop],
+                          logprobs=True)
+    assert len(out.logprobs) == len(out.token_ids)
+
+
 def test_stop_string_several_and_absent(model, engine):
     ref = ref_for(model)
     full = _full(engine, ref)
@@ -260,49 +349,43 @@ def test_stop_token_ids(model, engine):
     assert it.result.finish_reason == "stop" and it.result.token_ids == out.token_ids
 
 
-def _find_eos_setup(engine, ref):
-    """Find a prefix and sampling settings whose first generated token is an EOS token.
+def _find_eos_setup(engine, ref, eos):
+    """Find a prefix and sampling settings whose first generated token is the EOS token `eos`.
 
     Random-weight models rarely choose EOS greedily, so: over the full forward of the prompt and its
-    greedy continuation, take the position where some EOS id ranks best (rank r), and sample from
-    the top r+1 tokens at a high temperature with different seeds until EOS comes out."""
-    eos_ids = list(engine.eos_token_ids)
-    assert eos_ids, f"{ref.name}: no eos_token_ids"
+    greedy continuation, take the position where `eos` ranks best (rank r), and sample from the
+    top r+1 tokens at a high temperature with different seeds until `eos` comes out."""
     seq = ref.prompt_ids + ref.greedy
     full = engine.forward(seq)
-    best = None
-    for pos in range(len(ref.prompt_ids) - 1, len(seq)):
-        row = full[pos]
-        for e in eos_ids:
-            rank = int((row > row[e]).sum())
-            if best is None or rank < best[0]:
-                best = (rank, pos, e)
-    rank, pos, eos = best
+    rank, pos = min((int((full[p] > full[p][eos]).sum()), p) for p in range(len(ref.prompt_ids) - 1, len(seq)))
     prefix = seq[: pos + 1]
     if rank == 0:
-        return prefix, dict(temperature=0), eos
+        return prefix, dict(temperature=0)
     for seed in range(max(40, 8 * (rank + 1))):
-        kw = dict(temperature=50.0, top_k=rank + 1, seed=seed)
+        kw = dict(NEUTRAL, temperature=50.0, top_k=rank + 1, seed=seed)
         out = engine.generate(prefix, max_new_tokens=1, ignore_eos=True, **kw)
         if out.token_ids[0] == eos:
-            return prefix, kw, eos
-    pytest.fail(f"{ref.name}: could not make the model produce EOS (best rank {rank})")
+            return prefix, kw
+    pytest.fail(f"{ref.name}: could not make the model produce EOS {eos} (best rank {rank})")
 
 
 def test_eos_stops_unless_ignored(model, engine):
     ref = ref_for(model)
-    prefix, kw, eos = _find_eos_setup(engine, ref)
-    out = engine.generate(prefix, max_new_tokens=5, **kw)
-    assert out.token_ids == [eos], f"{model}: EOS {eos} did not stop generation: {out.token_ids}"
-    assert out.finish_reason == "stop"
-    assert out.text == "", "the EOS token's text is not part of .text"
-    assert out.usage.completion_tokens == 1
-    ign = engine.generate(prefix, max_new_tokens=5, ignore_eos=True, **kw)
-    assert len(ign.token_ids) == 5 and ign.token_ids[0] == eos
-    assert ign.finish_reason == "length"
-    it = engine.stream(prefix, max_new_tokens=5, **kw)
-    assert "".join(it) == ""
-    assert it.result.token_ids == [eos] and it.result.finish_reason == "stop"
+    assert sorted(engine.eos_token_ids) == sorted(ref.eos_token_ids)
+    for eos in engine.eos_token_ids:
+        prefix, kw = _find_eos_setup(engine, ref, eos)
+        out = engine.generate(prefix, max_new_tokens=5, logprobs=True, **kw)
+        assert out.token_ids == [eos], f"{model}: EOS {eos} did not stop generation: {out.token_ids}"
+        assert out.finish_reason == "stop"
+        assert out.text == "", "the EOS token's text is not part of .text"
+        assert out.usage.completion_tokens == 1
+        assert len(out.logprobs) == 1
+        ign = engine.generate(prefix, max_new_tokens=5, ignore_eos=True, **kw)
+        assert len(ign.token_ids) == 5 and ign.token_ids[0] == eos
+        assert ign.finish_reason == "length"
+        it = engine.stream(prefix, max_new_tokens=5, **kw)
+        assert "".join(it) == ""
+        assert it.result.token_ids == [eos] and it.result.finish_reason == "stop"
 
 
 def test_stop_token_ids_work_with_ignore_eos(model, engine):
@@ -370,6 +453,61 @@ def test_stream_holds_back_partial_stop_string(model, engine):
     it = engine.stream(ref.prompt_ids, **kw)
     assert "".join(it) == full.text
     assert it.result.finish_reason == "length"
+
+
+def _within(seconds, fn):
+    """Run fn in a thread; fail (instead of hanging the suite) if it does not finish in time."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"did not finish within {seconds} s (deadlock?)"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def test_abandoned_stream_does_not_block(model, engine):
+    ref = ref_for(model)
+    it = engine.stream(ref.prompt_ids, max_new_tokens=N_GREEDY, temperature=0, ignore_eos=True)
+    next(it)
+    del it
+    gc.collect()
+    out = _within(30, lambda: greedy(engine, ref.prompt_ids, N_GREEDY))
+    assert out.token_ids == ref.greedy
+
+
+def test_interleaved_streams(model, engine):
+    """Two streams on one engine, advanced alternately from one thread, are independent."""
+    ref = ref_for(model)
+    a_kw = dict(max_new_tokens=N_GREEDY, temperature=0, ignore_eos=True)
+    b_kw = dict(max_new_tokens=N_GREEDY, temperature=1.0, seed=4, ignore_eos=True)
+    a_want = engine.generate(ref.prompt_ids, **a_kw)
+    b_want = engine.generate(ref["texts"][0], **b_kw)
+
+    def interleave():
+        a, b = engine.stream(ref.prompt_ids, **a_kw), engine.stream(ref["texts"][0], **b_kw)
+        da, db = [], []
+        live = {"a": True, "b": True}
+        while any(live.values()):
+            for key, it, acc in (("a", a, da), ("b", b, db)):
+                if live[key]:
+                    try:
+                        acc.append(next(it))
+                    except StopIteration:
+                        live[key] = False
+        return "".join(da), a.result, "".join(db), b.result
+
+    ta, ra, tb, rb = _within(60, interleave)
+    assert ta == a_want.text and ra.token_ids == a_want.token_ids
+    assert tb == b_want.text and rb.token_ids == b_want.token_ids
 
 
 # --------------------------------------------------------------------------- batches
@@ -508,13 +646,17 @@ def test_generation_defaults_from_generation_config(engine_for):
     assert any(s != ref.greedy[:12] for s in samples), "qwen2's defaults (temperature 0.7) should sample, not be greedy"
 
 
-def test_no_generation_config_means_greedy(model, engine):
-    ref = ref_for(model)
-    if (ref.dir / "generation_config.json").exists():
-        gc = json.loads((ref.dir / "generation_config.json").read_text())
-        if gc.get("do_sample") or "temperature" in gc:
-            pytest.skip(f"{model} has sampling defaults")
-    out = engine.generate(ref.prompt_ids, max_new_tokens=N_GREEDY, ignore_eos=True)
+def _has_sampling_defaults(name: str) -> bool:
+    path = ref_for(name).dir / "generation_config.json"
+    return path.exists() and bool(json.loads(path.read_text()).get("do_sample"))
+
+
+@pytest.mark.parametrize("model_name", [m for m in MODELS if not _has_sampling_defaults(m)])
+def test_no_sampling_defaults_means_greedy(model_name, engine_for):
+    """Without do_sample in generation_config.json, options left at None decode greedily."""
+    ref = ref_for(model_name)
+    engine = engine_for(model_name)
+    out = engine.generate(ref.prompt_ids, max_new_tokens=N_GREEDY, ignore_eos=True, seed=3)
     assert out.token_ids == ref.greedy
 
 

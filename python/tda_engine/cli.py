@@ -272,8 +272,8 @@ def _print_stats(engine, result, args: argparse.Namespace) -> None:
             ("device", info.get("device", args.device)),
             ("load time", f"{getattr(args, '_load_s', 0.0):.3f} s"),
             ("prefill", f"{u.prompt_tokens} tokens in {t.prefill_s:.4f} s ({prefill_tps:.1f} tokens/s)"),
-            ("decode", f"{u.completion_tokens} tokens in {t.decode_s:.4f} s "
-                       f"({t.decode_tokens_per_s:.1f} tokens/s)"),
+            ("generated", f"{u.completion_tokens} tokens"),
+            ("decode", f"{t.decode_s:.4f} s ({t.decode_tokens_per_s:.1f} tokens/s)"),
             ("finish reason", result.finish_reason),
         ]
         for key, value in details:
@@ -326,12 +326,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     print("Chatting with the model; an empty line or Ctrl-D quits.", file=sys.stderr)
     while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print(file=sys.stderr)
-            break
-        if not line.strip():
+        line = _read_turn()
+        if line is None or not line.strip():
             break
         history.append({"role": "user", "content": line})
         try:
@@ -342,6 +338,25 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "assistant", "content": result.text})
     return EXIT_OK
+
+
+def _read_turn() -> Optional[str]:
+    """One line typed by the user, or None at end of input (Ctrl-D)."""
+    if sys.stdout.isatty():
+        # input() gives line editing (readline) when both ends are a terminal
+        try:
+            return input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return None
+    # stdout is redirected: keep it for the answers only and prompt on stderr
+    sys.stderr.write(">>> ")
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        print(file=sys.stderr)
+        return None
+    return line.rstrip("\n")
 
 
 def _print_error(e: BaseException) -> None:
