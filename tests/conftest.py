@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,12 +29,12 @@ EXPECTED_MODELS = ["llama2", "llama3", "llama_linear", "mistral", "gemma", "gemm
 SLIDING_MODELS = ["mistral", "gemma2", "gemma3"]
 
 
-def _manifest_models() -> List[str]:
+def _manifest_models() -> list[str]:
     if not MANIFEST.exists():
         return list(EXPECTED_MODELS)
     data = json.loads(MANIFEST.read_text())
     models = data.get("models", data) if isinstance(data, dict) else data
-    names: List[str] = []
+    names: list[str] = []
     if isinstance(models, dict):
         names = list(models.keys())
     else:
@@ -43,7 +43,7 @@ def _manifest_models() -> List[str]:
     return names
 
 
-MODELS: List[str] = _manifest_models()
+MODELS: list[str] = _manifest_models()
 
 
 def model_dir(name: str) -> Path:
@@ -53,7 +53,7 @@ def model_dir(name: str) -> Path:
     return d
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_ref(name: str):
     d = model_dir(name)
     with np.load(d / "reference.npz") as z:
@@ -73,22 +73,22 @@ class Ref:
         self.npz = npz
         self.json = js
         self.config = cfg
-        self.prompt_ids: List[int] = [int(x) for x in npz["prompt_ids"].reshape(-1)]
+        self.prompt_ids: list[int] = [int(x) for x in npz["prompt_ids"].reshape(-1)]
         self.logits: np.ndarray = npz["logits"].reshape(len(self.prompt_ids), -1).astype(np.float32)
-        self.greedy: List[int] = [int(x) for x in npz["greedy"].reshape(-1)]
+        self.greedy: list[int] = [int(x) for x in npz["greedy"].reshape(-1)]
         self.vocab_size: int = self.logits.shape[-1]
 
     def __getitem__(self, key: str) -> Any:
         return self.json[key]
 
     @property
-    def eos_token_ids(self) -> List[int]:
+    def eos_token_ids(self) -> list[int]:
         e = self.json.get("eos_token_ids")
         if e is None:
             return []
         return [int(e)] if isinstance(e, int) else [int(x) for x in e]
 
-    def text_config(self) -> Dict[str, Any]:
+    def text_config(self) -> dict[str, Any]:
         """The decoder's part of config.json (gemma3 nests it under text_config)."""
         c = self.config
         return c["text_config"] if "hidden_size" not in c and "text_config" in c else c
@@ -98,12 +98,12 @@ class Ref:
         return int(self.text_config()["max_position_embeddings"])
 
 
-@lru_cache(maxsize=None)
+@cache
 def ref_for(name: str) -> Ref:
     return Ref(name)
 
 
-_ENGINES: Dict[Any, Any] = {}
+_ENGINES: dict[Any, Any] = {}
 _ENGINES_LOCK = threading.Lock()
 
 

@@ -7,15 +7,25 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import MODELS, model_dir, ref_for
 
 CLI_MODEL = "llama3" if "llama3" in MODELS else MODELS[0]
 CHAT_MODEL = "qwen2" if "qwen2" in MODELS else MODELS[0]
 
 GEN_OPTIONS = [
-    "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--repetition-penalty",
-    "--seed", "--stop", "--dtype", "--device", "--no-stream", "--ignore-eos", "--stats",
+    "--max-new-tokens",
+    "--temperature",
+    "--top-k",
+    "--top-p",
+    "--min-p",
+    "--repetition-penalty",
+    "--seed",
+    "--stop",
+    "--dtype",
+    "--device",
+    "--no-stream",
+    "--ignore-eos",
+    "--stats",
 ]
 
 
@@ -62,7 +72,7 @@ def test_no_command_is_a_usage_error():
 
 
 def _stats_ok(stderr: str, finish: str):
-    lines = [l for l in stderr.splitlines() if "prompt tokens" in l]
+    lines = [ln for ln in stderr.splitlines() if "prompt tokens" in ln]
     assert len(lines) == 1, stderr
     line = lines[0]
     for word in ("generated tokens", "prefill", "tokens/s", finish):
@@ -88,11 +98,37 @@ def test_generate_matches_api(engine_for, stream):
 def test_generate_sampling_options_match_api(engine_for):
     engine = engine_for(CLI_MODEL)
     ref = ref_for(CLI_MODEL)
-    kw = dict(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95, min_p=0.01, repetition_penalty=1.1, seed=4,
-              ignore_eos=True)
+    kw = dict(
+        max_new_tokens=12,
+        temperature=0.9,
+        top_k=40,
+        top_p=0.95,
+        min_p=0.01,
+        repetition_penalty=1.1,
+        seed=4,
+        ignore_eos=True,
+    )
     want = engine.generate(ref["texts"][0], **kw)
-    r = cli("generate", model_dir(CLI_MODEL), ref["texts"][0], "--max-new-tokens", 12, "--temperature", 0.9,
-            "--top-k", 40, "--top-p", 0.95, "--min-p", 0.01, "--repetition-penalty", 1.1, "--seed", 4, "--ignore-eos")
+    r = cli(
+        "generate",
+        model_dir(CLI_MODEL),
+        ref["texts"][0],
+        "--max-new-tokens",
+        12,
+        "--temperature",
+        0.9,
+        "--top-k",
+        40,
+        "--top-p",
+        0.95,
+        "--min-p",
+        0.01,
+        "--repetition-penalty",
+        1.1,
+        "--seed",
+        4,
+        "--ignore-eos",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == want.text + "\n"
 
@@ -101,12 +137,27 @@ def test_generate_stop_strings(engine_for):
     engine = engine_for(CLI_MODEL)
     full = engine.generate("Hello world", max_new_tokens=16, temperature=0, ignore_eos=True)
     text = full.text
-    stop = next(text[i : i + 3] for i in range(len(text) // 2, len(text) - 2)
-                if text[i : i + 3].strip() == text[i : i + 3] and "\ufffd" not in text[i : i + 3])
+    stop = next(
+        text[i : i + 3]
+        for i in range(len(text) // 2, len(text) - 2)
+        if text[i : i + 3].strip() == text[i : i + 3] and "\ufffd" not in text[i : i + 3]
+    )
     want = engine.generate("Hello world", max_new_tokens=16, temperature=0, ignore_eos=True, stop=["\u2603", stop])
     assert want.finish_reason == "stop"
-    r = cli("generate", model_dir(CLI_MODEL), "Hello world", "--max-new-tokens", 16, "--temperature", 0,
-            "--ignore-eos", "--stop", "\u2603", "--stop", stop)
+    r = cli(
+        "generate",
+        model_dir(CLI_MODEL),
+        "Hello world",
+        "--max-new-tokens",
+        16,
+        "--temperature",
+        0,
+        "--ignore-eos",
+        "--stop",
+        "\u2603",
+        "--stop",
+        stop,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == want.text + "\n"
     _stats_ok(r.stderr, "stop")
@@ -122,8 +173,18 @@ def test_generate_detailed_stats():
 def test_generate_dtype(engine_for):
     engine = engine_for(CLI_MODEL, "bfloat16")
     want = engine.generate("Hello world", max_new_tokens=6, temperature=0)
-    r = cli("generate", model_dir(CLI_MODEL), "Hello world", "--max-new-tokens", 6, "--temperature", 0,
-            "--dtype", "bfloat16", "--stats")
+    r = cli(
+        "generate",
+        model_dir(CLI_MODEL),
+        "Hello world",
+        "--max-new-tokens",
+        6,
+        "--temperature",
+        0,
+        "--dtype",
+        "bfloat16",
+        "--stats",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == want.text + "\n"
     assert "bfloat16" in r.stderr
@@ -157,7 +218,7 @@ def _one_line_error(r, *needles):
     assert r.returncode != 0
     assert r.returncode == 2
     assert "Traceback" not in r.stderr, r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("tda-engine: error: "), lines[0]
     for n in needles:
@@ -185,7 +246,9 @@ def test_bad_option_value_is_a_clean_error():
 def test_main_function_returns_exit_code(capsys, engine_for):
     from tda_engine.cli import main
 
-    assert main(["generate", str(model_dir(CLI_MODEL)), "Hello world", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert (
+        main(["generate", str(model_dir(CLI_MODEL)), "Hello world", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    )
     out = capsys.readouterr()
     want = engine_for(CLI_MODEL).generate("Hello world", max_new_tokens=3, temperature=0)
     assert out.out == want.text + "\n"
@@ -207,9 +270,20 @@ def test_chat_interactive_keeps_history(engine_for):
     master, slave = pty.openpty()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tda_engine", "chat", str(model_dir(CHAT_MODEL)), "--max-new-tokens", "6",
-             "--temperature", "0"],
-            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "tda_engine",
+                "chat",
+                str(model_dir(CHAT_MODEL)),
+                "--max-new-tokens",
+                "6",
+                "--temperature",
+                "0",
+            ],
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=dict(os.environ, PYTHONIOENCODING="utf-8"),
         )
         os.write(master, b"Hi there\nAnd then?\n\n")

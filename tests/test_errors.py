@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import struct
 from pathlib import Path
 
 import pytest
-
 from conftest import MODELS, assert_engine_ok, copy_model, model_dir, ref_for
 
 # A single-file model and a sharded one.
@@ -261,10 +259,12 @@ def test_prompt_too_long(eng, r):
     for n in (max_pos, max_pos + 7):
         ids = (r.prompt_ids * (n // len(r.prompt_ids) + 1))[:n]
         assert len(ids) == n
-        check_raises(ValueError, lambda: eng.generate(ids, max_new_tokens=1), (str(n), str(max_pos)))
-        check_raises(ValueError, lambda: list(eng.stream(ids, max_new_tokens=1)), (str(n), str(max_pos)))
+        check_raises(ValueError, lambda ids=ids: eng.generate(ids, max_new_tokens=1), (str(n), str(max_pos)))
+        check_raises(ValueError, lambda ids=ids: list(eng.stream(ids, max_new_tokens=1)), (str(n), str(max_pos)))
     # one token shorter is fine
-    out = eng.generate((r.prompt_ids * (max_pos // len(r.prompt_ids) + 1))[: max_pos - 1], max_new_tokens=1, temperature=0)
+    out = eng.generate(
+        (r.prompt_ids * (max_pos // len(r.prompt_ids) + 1))[: max_pos - 1], max_new_tokens=1, temperature=0
+    )
     assert len(out.token_ids) == 1
 
 
@@ -296,7 +296,14 @@ def test_bad_option(eng, r, field, value):
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(top_p=1.0), dict(top_k=0), dict(min_p=0.0), dict(min_p=1.0), dict(temperature=0.0), dict(repetition_penalty=0.5)],
+    [
+        dict(top_p=1.0),
+        dict(top_k=0),
+        dict(min_p=0.0),
+        dict(min_p=1.0),
+        dict(temperature=0.0),
+        dict(repetition_penalty=0.5),
+    ],
     ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
 )
 def test_boundary_options_accepted(eng, r, kw):

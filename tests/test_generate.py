@@ -9,7 +9,6 @@ import threading
 
 import numpy as np
 import pytest
-
 from conftest import MODELS, SLIDING_MODELS, greedy, log_softmax, ref_for
 
 N_GREEDY = 24
@@ -157,8 +156,9 @@ def _check_filter(model, engine, prompt, flt, name):
 def test_sampling_filters(model, engine, name, flt):
     ref = ref_for(model)
     a = _check_filter(model, engine, ref.prompt_ids, flt, name)
-    b = engine.generate(ref.prompt_ids, **dict(NEUTRAL, temperature=1.0, seed=5, max_new_tokens=16, ignore_eos=True,
-                                               **{name: flt}))
+    b = engine.generate(
+        ref.prompt_ids, **dict(NEUTRAL, temperature=1.0, seed=5, max_new_tokens=16, ignore_eos=True, **{name: flt})
+    )
     assert a.token_ids == b.token_ids
 
 
@@ -216,9 +216,8 @@ def test_sampling_distribution(model_name, engine_for, kw):
     assert outside.size == 0, f"{model_name} {kw}: sampled tokens outside the filter: {outside.tolist()}"
     tol = 5 * np.sqrt(want * (1 - want) / n) + 1.0 / n
     bad = np.flatnonzero(np.abs(freq - want) > tol)
-    assert bad.size == 0, (
-        f"{model_name} {kw}: token frequencies off: "
-        + ", ".join(f"{t}: {freq[t]:.3f} vs {want[t]:.3f}" for t in bad[:8])
+    assert bad.size == 0, f"{model_name} {kw}: token frequencies off: " + ", ".join(
+        f"{t}: {freq[t]:.3f} vs {want[t]:.3f}" for t in bad[:8]
     )
 
 
@@ -309,8 +308,9 @@ def test_stop_string_edge_cases(model, engine):
         assert out.finish_reason == "length" and out.token_ids == full.token_ids, "stop string matched the prompt"
     # logprobs stay aligned with token_ids when a stop string ends generation
     stop = _pick_stop(full.text, 0.5)
-    out = engine.generate(ref.prompt_ids, max_new_tokens=N_GREEDY, temperature=0, ignore_eos=True, stop=[stop],
-                          logprobs=True)
+    out = engine.generate(
+        ref.prompt_ids, max_new_tokens=N_GREEDY, temperature=0, ignore_eos=True, stop=[stop], logprobs=True
+    )
     assert len(out.logprobs) == len(out.token_ids)
 
 
@@ -531,7 +531,7 @@ def test_batch_equals_one_by_one(model, engine, sampled):
     for prompts in (str_prompts, id_prompts):
         batch = engine.generate(prompts, **kw)
         assert isinstance(batch, list) and len(batch) == len(prompts)
-        for p, b in zip(prompts, batch):
+        for p, b in zip(prompts, batch, strict=True):
             _same_result(b, engine.generate(p, **kw), (model, p))
 
 
@@ -541,7 +541,7 @@ def test_chat_batch_equals_one_by_one(model, engine):
     kw = dict(max_new_tokens=8, temperature=0, ignore_eos=True)
     batch = engine.chat(convs, **kw)
     assert isinstance(batch, list) and len(batch) == 2
-    for c, b in zip(convs, batch):
+    for c, b in zip(convs, batch, strict=True):
         _same_result(b, engine.chat(c, **kw), (model, c))
 
 
@@ -577,7 +577,12 @@ def test_usage_and_timings(model, engine):
     assert out.usage.completion_tokens == len(out.token_ids) == 12
     t = out.timings
     for v in (t.prefill_s, t.decode_s, t.decode_tokens_per_s):
-        assert isinstance(v, float) and math.isfinite(v) and v >= 0, (model, t.prefill_s, t.decode_s, t.decode_tokens_per_s)
+        assert isinstance(v, float) and math.isfinite(v) and v >= 0, (
+            model,
+            t.prefill_s,
+            t.decode_s,
+            t.decode_tokens_per_s,
+        )
     assert t.prefill_s > 0
     assert t.decode_s > 0
     # decode speed: the decoded tokens (with or without the one the prefill produced) over decode time

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from conftest import MODELS, greedy, ref_for
+from conftest import greedy, ref_for
 
 F32_ATOL = 1e-4
 

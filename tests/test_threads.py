@@ -7,7 +7,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import MODELS, ref_for
 
 THREAD_MODELS = [m for m in ("llama3", "gemma2") if m in MODELS] or MODELS[:1]
@@ -21,7 +20,9 @@ def _requests(ref):
     for i in range(4):
         reqs.append(("generate", p[: 10 + 5 * i], dict(max_new_tokens=12, temperature=0, ignore_eos=True)))
         reqs.append(("generate", p, dict(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=100 + i, ignore_eos=True)))
-        reqs.append(("stream", texts[i % len(texts)], dict(max_new_tokens=10, temperature=0.8, seed=i, ignore_eos=True)))
+        reqs.append(
+            ("stream", texts[i % len(texts)], dict(max_new_tokens=10, temperature=0.8, seed=i, ignore_eos=True))
+        )
         reqs.append(("forward", p[: 8 + i], {}))
     reqs.append(("generate", [p[:6], p[:9]], dict(max_new_tokens=8, temperature=0, ignore_eos=True)))
     return reqs
@@ -105,7 +106,7 @@ def test_gil_released_during_generate(engine_for):
     duration = span["end"] - span["start"]
     inside = [s for s in stamps if span["start"] <= s <= span["end"]]
     points = [span["start"]] + inside + [span["end"]]
-    longest = max(b - a for a, b in zip(points, points[1:]))
+    longest = max(b - a for a, b in zip(points[:-1], points[1:], strict=True))
     assert duration > 0.2, f"generate too short ({duration:.3f} s) to judge"
     assert longest < 0.5 * duration, (
         f"the Python thread stalled for {longest:.3f} s of a {duration:.3f} s generate(): the GIL is held"

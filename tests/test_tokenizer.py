@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import ref_for
 
 
@@ -11,7 +10,7 @@ def test_tokenize_matches_reference(model, engine):
     ref = ref_for(model)
     texts, ids = ref["texts"], ref["text_ids"]
     assert len(texts) == len(ids) and texts
-    for text, expected in zip(texts, ids):
+    for text, expected in zip(texts, ids, strict=True):
         got = engine.tokenize(text)
         assert got == expected, f"{model}: tokenize({text!r}) = {got}, HF: {expected}"
         # add_special_tokens=True is the default
@@ -21,7 +20,7 @@ def test_tokenize_matches_reference(model, engine):
 def test_tokenize_without_special_tokens(model, engine):
     ref = ref_for(model)
     bos = ref["bos_token_id"]
-    for text, expected in zip(ref["texts"], ref["text_ids"]):
+    for text, expected in zip(ref["texts"], ref["text_ids"], strict=True):
         got = engine.tokenize(text, add_special_tokens=False)
         # Without special tokens the ids are the reference ids less the BOS the tokenizer adds
         # (if any); nothing else differs for these LLaMA-family tokenizers.

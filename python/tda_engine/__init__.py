@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from . import _native
 
@@ -73,7 +74,7 @@ class GenerationResult(_Record):
     logprobs: list[float] | None = field(default=None)
 
     @classmethod
-    def _from_native(cls, d: Mapping[str, Any]) -> "GenerationResult":
+    def _from_native(cls, d: Mapping[str, Any]) -> GenerationResult:
         return cls(
             text=d["text"],
             token_ids=list(d["token_ids"]),
@@ -95,7 +96,7 @@ class Stream:
         self._native = native
         self._result: GenerationResult | None = None
 
-    def __iter__(self) -> "Stream":
+    def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> str:
@@ -141,13 +142,25 @@ def _check_options(opts: dict) -> dict:
         v = opts.get(name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+    opts["ignore_eos"] = bool(opts.get("ignore_eos", False))
+    opts["logprobs"] = bool(opts.get("logprobs", False))
     return opts
 
 
-_OPTION_NAMES = (
-    "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-    "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs",
-)
+# Every generation option and its "not given" value (None = the model's default).
+_OPTION_DEFAULTS = {
+    "max_new_tokens": None,
+    "temperature": None,
+    "top_k": None,
+    "top_p": None,
+    "min_p": None,
+    "repetition_penalty": None,
+    "seed": None,
+    "stop": None,
+    "stop_token_ids": None,
+    "ignore_eos": False,
+    "logprobs": False,
+}
 
 
 class Engine:
@@ -161,7 +174,7 @@ class Engine:
         self._path = path
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> "Engine":
+    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> Engine:
         """Loads a Hugging Face model directory: ``config.json``, ``model.safetensors`` (or sharded
         with ``model.safetensors.index.json``), ``tokenizer.json``, and optionally
         ``tokenizer_config.json``, ``generation_config.json``, ``chat_template.jinja``.
@@ -224,10 +237,21 @@ class Engine:
         """Logits of a dense forward pass at every position: float32 ``(len(ids), vocab_size)``."""
         return self._n.forward(self._ids(ids, "ids"))
 
-    def generate(self, prompt, max_new_tokens: int | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                 repetition_penalty: float | None = None, seed: int | None = None, stop=None,
-                 stop_token_ids=None, ignore_eos: bool = False, logprobs: bool = False):
+    def generate(
+        self,
+        prompt,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop=None,
+        stop_token_ids=None,
+        ignore_eos: bool = False,
+        logprobs: bool = False,
+    ):
         """Generates a continuation.
 
         ``prompt``: a str (tokenized with special tokens, e.g. BOS), a list of token ids, or a list
@@ -238,24 +262,35 @@ class Engine:
         string or list of strings that end the generation (cut from the text). ``stop_token_ids``:
         ids that end it (as EOS does unless ``ignore_eos``).
         """
-        opts = _check_options(dict(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-            stop_token_ids=stop_token_ids, ignore_eos=bool(ignore_eos), logprobs=bool(logprobs)))
+        opts = _check_options(
+            dict(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                repetition_penalty=repetition_penalty,
+                seed=seed,
+                stop=stop,
+                stop_token_ids=stop_token_ids,
+                ignore_eos=bool(ignore_eos),
+                logprobs=bool(logprobs),
+            )
+        )
         prompts, batched = self._prompts(prompt)
-        results = [GenerationResult._from_native(self._n.generate(ids, **opts)) for ids in prompts]
+        results = [GenerationResult._from_native(self._n.generate(ids, opts)) for ids in prompts]
         return results if batched else results[0]
 
     def stream(self, prompt, **options) -> Stream:
         """Like :meth:`generate` for one prompt, but yields text deltas as they are produced."""
-        unknown = set(options) - set(_OPTION_NAMES)
+        unknown = set(options) - set(_OPTION_DEFAULTS)
         if unknown:
             raise TypeError(f"stream() got unexpected keyword arguments: {sorted(unknown)}")
         prompts, batched = self._prompts(prompt)
         if batched:
             raise TypeError("stream() takes a single prompt, not a batch")
-        opts = _check_options(dict(options))
-        return Stream(self._n.stream(prompts[0], **opts))
+        opts = _check_options({**_OPTION_DEFAULTS, **options})
+        return Stream(self._n.stream(prompts[0], opts))
 
     def chat(self, messages, **options):
         """Applies the chat template to ``messages`` (a list of {"role", "content"} dicts, or a

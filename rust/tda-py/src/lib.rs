@@ -50,8 +50,10 @@ struct Engine {
     inner: tda_core::Engine,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn options(
+/// Generation options, read from the dict that `tda_engine.Engine` builds with every key present.
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct PyOptions {
     max_new_tokens: Option<i64>,
     temperature: Option<f64>,
     top_k: Option<i64>,
@@ -63,24 +65,28 @@ fn options(
     stop_token_ids: Option<Vec<i64>>,
     ignore_eos: bool,
     logprobs: bool,
-) -> PyResult<GenerateOptions> {
-    let seed = match seed {
-        Some(s) if s < 0 => return Err(PyValueError::new_err(format!("seed must be >= 0, got {s}"))),
-        s => s.map(|s| s as u64),
-    };
-    Ok(GenerateOptions {
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        min_p,
-        repetition_penalty,
-        seed,
-        stop: stop.unwrap_or_default(),
-        stop_token_ids: to_ids(stop_token_ids.unwrap_or_default(), "stop_token_ids")?,
-        ignore_eos,
-        logprobs,
-    })
+}
+
+impl PyOptions {
+    fn into_core(self) -> PyResult<GenerateOptions> {
+        let seed = match self.seed {
+            Some(s) if s < 0 => return Err(PyValueError::new_err(format!("seed must be >= 0, got {s}"))),
+            s => s.map(|s| s as u64),
+        };
+        Ok(GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed,
+            stop: self.stop.unwrap_or_default(),
+            stop_token_ids: to_ids(self.stop_token_ids.unwrap_or_default(), "stop_token_ids")?,
+            ignore_eos: self.ignore_eos,
+            logprobs: self.logprobs,
+        })
+    }
 }
 
 fn output_dict<'py>(py: Python<'py>, o: GenerationOutput) -> PyResult<Bound<'py, PyDict>> {
@@ -187,77 +193,18 @@ impl Engine {
         Ok(PyArray1::from_vec(py, logits).reshape([n, v])?.into_any())
     }
 
-    #[pyo3(signature = (ids, max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
-        repetition_penalty=None, seed=None, stop=None, stop_token_ids=None, ignore_eos=false, logprobs=false))]
-    #[allow(clippy::too_many_arguments)]
-    fn generate<'py>(
-        &self,
-        py: Python<'py>,
-        ids: Vec<i64>,
-        max_new_tokens: Option<i64>,
-        temperature: Option<f64>,
-        top_k: Option<i64>,
-        top_p: Option<f64>,
-        min_p: Option<f64>,
-        repetition_penalty: Option<f64>,
-        seed: Option<i64>,
-        stop: Option<Vec<String>>,
-        stop_token_ids: Option<Vec<i64>>,
-        ignore_eos: bool,
-        logprobs: bool,
-    ) -> PyResult<Bound<'py, PyDict>> {
+    /// Generates from token ids with an options dict; returns a result dict.
+    fn generate<'py>(&self, py: Python<'py>, ids: Vec<i64>, options: PyOptions) -> PyResult<Bound<'py, PyDict>> {
         let ids = to_ids(ids, "prompt")?;
-        let opts = options(
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            seed,
-            stop,
-            stop_token_ids,
-            ignore_eos,
-            logprobs,
-        )?;
+        let opts = options.into_core()?;
         let out = compute(py, || self.inner.generate(ids, &opts))?;
         output_dict(py, out)
     }
 
     /// Starts a generation and returns an iterator of text deltas (validation errors raise here).
-    #[pyo3(signature = (ids, max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
-        repetition_penalty=None, seed=None, stop=None, stop_token_ids=None, ignore_eos=false, logprobs=false))]
-    #[allow(clippy::too_many_arguments)]
-    fn stream(
-        &self,
-        py: Python<'_>,
-        ids: Vec<i64>,
-        max_new_tokens: Option<i64>,
-        temperature: Option<f64>,
-        top_k: Option<i64>,
-        top_p: Option<f64>,
-        min_p: Option<f64>,
-        repetition_penalty: Option<f64>,
-        seed: Option<i64>,
-        stop: Option<Vec<String>>,
-        stop_token_ids: Option<Vec<i64>>,
-        ignore_eos: bool,
-        logprobs: bool,
-    ) -> PyResult<Stream> {
+    fn stream(&self, py: Python<'_>, ids: Vec<i64>, options: PyOptions) -> PyResult<Stream> {
         let ids = to_ids(ids, "prompt")?;
-        let opts = options(
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            seed,
-            stop,
-            stop_token_ids,
-            ignore_eos,
-            logprobs,
-        )?;
+        let opts = options.into_core()?;
         let generation = compute(py, || self.inner.start(ids, &opts))?;
         Ok(Stream { state: Mutex::new(StreamState { generation: Some(generation), output: None }) })
     }
