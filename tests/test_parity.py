@@ -136,3 +136,22 @@ def test_generate_reduced_precision_runs(model, dtype, engine_for):
             f"{model} {dtype}: step {i} chose token {tok} (logit {row[tok]:.4f}) but the forward's max is "
             f"{row.max():.4f} at token {int(row.argmax())}"
         )
+
+
+def test_dtype_auto_uses_the_declared_dtype(tmp_path):
+    """dtype="auto" takes torch_dtype / dtype from config.json (here rewritten to bfloat16)."""
+    import json
+    import shutil
+
+    from conftest import model_dir
+
+    from tda_engine import Engine
+
+    src = model_dir("llama2")
+    dst = tmp_path / "llama2"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["torch_dtype"] = "bfloat16"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    assert Engine.from_pretrained(dst, dtype="auto").model_info["dtype"] == "bfloat16"
+    assert Engine.from_pretrained(src, dtype="auto").model_info["dtype"] == "float32"

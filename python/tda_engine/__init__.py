@@ -179,7 +179,8 @@ class Engine:
         with ``model.safetensors.index.json``), ``tokenizer.json``, and optionally
         ``tokenizer_config.json``, ``generation_config.json``, ``chat_template.jinja``.
 
-        ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (the weights are converted).
+        ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (the weights are converted), or
+        ``"auto"`` for the dtype the checkpoint declares.
         ``device``: ``"cpu"``.
         """
         if not isinstance(path, (str, os.PathLike)):

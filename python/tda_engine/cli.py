@@ -26,7 +26,7 @@ EXIT_OK = 0
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 class CliError(Exception):
@@ -134,7 +134,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="float32",
-        help="precision the weights are computed in (default: float32)",
+        help="precision the weights are stored in (activations are float32); 'auto' takes what the "
+        "checkpoint declares (default: float32)",
     )
     r.add_argument(
         "--device",

@@ -53,14 +53,18 @@ pub struct Engine {
     shared: Arc<Shared>,
 }
 
-/// Parses a dtype name: float32/f32/fp32, bfloat16/bf16, float16/f16/fp16/half.
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    Ok(match s.to_ascii_lowercase().as_str() {
+/// Parses a dtype name: float32/f32/fp32, bfloat16/bf16, float16/f16/fp16/half, or "auto"
+/// (`None`: the dtype the checkpoint declares).
+pub fn parse_dtype(s: &str) -> Result<Option<DType>> {
+    Ok(Some(match s.to_ascii_lowercase().as_str() {
         "float32" | "f32" | "fp32" => DType::F32,
         "bfloat16" | "bf16" => DType::BF16,
         "float16" | "f16" | "fp16" | "half" => DType::F16,
-        _ => return Err(Error::arg(format!("unknown dtype '{s}'; expected 'float32', 'bfloat16' or 'float16'"))),
-    })
+        "auto" => return Ok(None),
+        _ => {
+            return Err(Error::arg(format!("unknown dtype '{s}'; expected 'float32', 'bfloat16', 'float16' or 'auto'")))
+        }
+    }))
 }
 
 pub fn dtype_name(d: DType) -> &'static str {
@@ -105,6 +109,10 @@ impl Engine {
         let tokenizer = TextTokenizer::from_dir(path)?;
         let defaults = GenerationDefaults::from_dir(path)?;
         let weights = SafetensorsWeights::open(path)?;
+        // "auto": what the checkpoint declares, when it is one of ours; else float32.
+        let dtype = dtype.unwrap_or_else(|| {
+            cfg.declared_dtype.as_deref().and_then(|d| parse_dtype(d).ok().flatten()).unwrap_or(DType::F32)
+        });
         let model = Model::load(cfg, &weights, dtype)?;
         let mut eos = if !defaults.eos_token_ids.is_empty() {
             defaults.eos_token_ids.clone()
