@@ -144,7 +144,6 @@ def test_dtype_auto_uses_the_declared_dtype(tmp_path):
     import shutil
 
     from conftest import model_dir
-
     from tda_engine import Engine
 
     src = model_dir("llama2")
