@@ -3,6 +3,8 @@
 //! Weights reach the model through [`WeightSource`], so the model does not care whether they come
 //! from safetensors (here) or, later, from another container.
 
+pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod safetensors;
 pub mod tokenizer;
 

@@ -45,6 +45,24 @@ impl TextTokenizer {
         Ok(tok)
     }
 
+    /// Builds a tokenizer from a `tokenizer.json` document and its special tokens and template
+    /// (used for GGUF files, whose metadata carries the same information).
+    pub fn from_parts(
+        tokenizer_json: &str,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        chat_template: Option<String>,
+    ) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json.as_bytes())
+            .map_err(|e| Error::model(format!("invalid tokenizer: {e}")))?;
+        Ok(Self { inner, bos_token, eos_token, chat_template })
+    }
+
+    /// The underlying `tokenizers` tokenizer (e.g. to save it as tokenizer.json).
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
