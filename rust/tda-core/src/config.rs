@@ -49,6 +49,8 @@ pub enum RopeScaling {
     None,
     Linear { factor: f64 },
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    /// Per-frequency divisors (llama.cpp's `rope_freqs` tensor, Llama 3.1-style scaling).
+    Factors(Vec<f64>),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -6,6 +6,7 @@ use crate::error::{read_text, Error, Result};
 use crate::generate::session::Resolved;
 use crate::generate::{GenerateOptions, Generation, GenerationDefaults, GenerationOutput};
 use crate::load::safetensors::SafetensorsWeights;
+use crate::load::{gguf, gguf_tokenizer};
 use crate::load::tokenizer::TextTokenizer;
 use crate::model::{Logits, Model, State};
 use candle_core::DType;
@@ -91,20 +92,29 @@ pub fn parse_device(s: &str) -> Result<String> {
 }
 
 impl Engine {
-    /// Loads an HF model directory (config.json, safetensors, tokenizer.json, ...).
+    /// Loads a model: an HF directory (config.json, safetensors, tokenizer.json, ...), a `.gguf`
+    /// file, or a directory holding exactly one `.gguf` file and no config.json.
     pub fn from_pretrained(path: &Path, device: &str, dtype: &str) -> Result<Self> {
         let device = parse_device(device)?;
         let dtype = parse_dtype(dtype)?;
         if !path.exists() {
             return Err(Error::not_found(path, "model path"));
         }
-        if !path.is_dir() {
+        if path.is_file() {
+            if gguf::is_gguf(path) || path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+                return Self::from_gguf(path, device, dtype);
+            }
             return Err(Error::model(format!(
-                "{} is a file; expected a model directory with config.json, *.safetensors and tokenizer.json",
+                "{} is neither a GGUF file nor a model directory (config.json, *.safetensors, tokenizer.json)",
                 path.display()
             )));
         }
         let cfg_path = path.join("config.json");
+        if !cfg_path.exists() {
+            if let Some(g) = single_gguf_in(path) {
+                return Self::from_gguf(&g, device, dtype);
+            }
+        }
         let cfg = ModelConfig::from_hf_json(&read_text(&cfg_path, "config file")?, &cfg_path.display().to_string())?;
         let tokenizer = TextTokenizer::from_dir(path)?;
         let defaults = GenerationDefaults::from_dir(path)?;
@@ -122,16 +132,37 @@ impl Engine {
         if eos.is_empty() {
             eos.extend(tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)));
         }
-        Ok(Self {
-            shared: Arc::new(Shared {
-                model,
-                tokenizer,
-                defaults,
-                eos_token_ids: eos,
-                device,
-                pool: Mutex::new(vec![]),
-            }),
-        })
+        Ok(Self::assemble(model, tokenizer, defaults, eos, device))
+    }
+
+    /// A GGUF file: weights dequantized to `dtype` ("auto" = float32), tokenizer from the metadata.
+    fn from_gguf(path: &Path, device: String, dtype: Option<DType>) -> Result<Self> {
+        let file = gguf::GgufFile::open(path)?;
+        let cfg = file.config()?;
+        let tokenizer = gguf_tokenizer::from_gguf(file.metadata())?;
+        let model = Model::load(cfg, &file, dtype.unwrap_or(DType::F32))?;
+        // Generation ends at EOS and at the end-of-turn tokens llama.cpp also stops at.
+        let mut eos = model.cfg.eos_token_ids.clone();
+        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            if let Some(id) = file.metadata().get(key).and_then(|v| v.to_u32().ok()) {
+                if !eos.contains(&id) {
+                    eos.push(id);
+                }
+            }
+        }
+        Ok(Self::assemble(model, tokenizer, GenerationDefaults::default(), eos, device))
+    }
+
+    fn assemble(
+        model: Model,
+        tokenizer: TextTokenizer,
+        defaults: GenerationDefaults,
+        eos_token_ids: Vec<u32>,
+        device: String,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared { model, tokenizer, defaults, eos_token_ids, device, pool: Mutex::new(vec![]) }),
+        }
     }
 
     pub fn model(&self) -> &Model {
@@ -215,4 +246,14 @@ impl Engine {
         let text = self.shared.tokenizer.apply_chat_template(messages, add_generation_prompt)?;
         self.tokenize(&text, false)
     }
+}
+
+/// The one `.gguf` file in a directory, if there is exactly one.
+fn single_gguf_in(dir: &Path) -> Option<std::path::PathBuf> {
+    let mut found = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")));
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
 }

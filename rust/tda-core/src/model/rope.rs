@@ -9,6 +9,7 @@ pub fn inv_freq(cfg: &RopeConfig, head_dim: usize) -> Vec<f32> {
     match cfg.scaling {
         RopeScaling::None => base.iter().map(|&f| f as f32).collect(),
         RopeScaling::Linear { factor } => base.iter().map(|&f| (f / factor) as f32).collect(),
+        RopeScaling::Factors(ref factors) => base.iter().zip(factors).map(|(&f, &k)| (f / k) as f32).collect(),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
             let low_wavelen = old / low_freq_factor;
             let high_wavelen = old / high_freq_factor;
