@@ -21,8 +21,18 @@ from typing import Any
 
 from . import _native, models
 
-__all__ = ["Engine", "GenerationResult", "Usage", "Timings", "Stream", "__version__"]
+__all__ = ["Engine", "GenerationResult", "Usage", "Timings", "Stream", "convert_gguf", "__version__"]
 __version__ = _native.__version__
+
+
+def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Writes a GGUF file as a Hugging Face model directory: ``model.safetensors`` (float32,
+    dequantized, in HF's tensor layout), ``config.json``, ``tokenizer.json`` and
+    ``tokenizer_config.json`` (special tokens and chat template), loadable by transformers."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not os.path.exists(src) and models.is_known(src):
+        src = models.resolve(src)
+    _native.convert_gguf(src, dst)
 
 
 class _Record:

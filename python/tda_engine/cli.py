@@ -263,7 +263,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_generation_options(chat)
     chat.set_defaults(func=_cmd_chat)
+
+    conv = sub.add_parser(
+        "convert",
+        help="write a GGUF file as a Hugging Face model directory",
+        description="Dequantize a GGUF file and write it as a Hugging Face model directory:\n"
+        "model.safetensors (float32), config.json, tokenizer.json, tokenizer_config.json.",
+        epilog="example:\n  tda-engine convert ./model.gguf ./model-hf\n  tda-engine convert default ./smollm2-hf",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    conv.add_argument("src", metavar="GGUF", help="a .gguf file or a known model name")
+    conv.add_argument("dst", metavar="OUT_DIR", help="the directory to write (created if needed)")
+    conv.set_defaults(func=_cmd_convert)
     return parser
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from tda_engine import convert_gguf
+
+    convert_gguf(args.src, args.dst)
+    print(f"wrote {args.dst}", file=sys.stderr)
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- running
@@ -439,7 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.model = _resolve_model(args)
+        if hasattr(args, "words"):
+            args.model = _resolve_model(args)
         return args.func(args)
     except (CliError, *ENGINE_ERRORS) as e:
         _print_error(e)

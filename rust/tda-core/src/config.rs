@@ -47,8 +47,15 @@ pub enum NormStyle {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     None,
-    Linear { factor: f64 },
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
     /// Per-frequency divisors (llama.cpp's `rope_freqs` tensor, Llama 3.1-style scaling).
     Factors(Vec<f64>),
 }

@@ -1,13 +1,13 @@
 //! The engine: a loaded model, its tokenizer and generation defaults, and a pool of run states so
 //! that several threads can generate at once.
 
-use crate::config::ModelConfig;
+use crate::config::{Arch, ModelConfig};
 use crate::error::{read_text, Error, Result};
 use crate::generate::session::Resolved;
 use crate::generate::{GenerateOptions, Generation, GenerationDefaults, GenerationOutput};
 use crate::load::safetensors::SafetensorsWeights;
+use crate::load::tokenizer::{builtin_chat_template, TextTokenizer};
 use crate::load::{gguf, gguf_tokenizer};
-use crate::load::tokenizer::TextTokenizer;
 use crate::model::{Logits, Model, State};
 use candle_core::DType;
 use std::path::Path;
@@ -139,7 +139,10 @@ impl Engine {
     fn from_gguf(path: &Path, device: String, dtype: Option<DType>) -> Result<Self> {
         let file = gguf::GgufFile::open(path)?;
         let cfg = file.config()?;
-        let tokenizer = gguf_tokenizer::from_gguf(file.metadata())?;
+        let mut tokenizer = gguf_tokenizer::from_gguf(file.metadata())?;
+        if tokenizer.chat_template.is_none() {
+            tokenizer.chat_template = builtin_chat_template(cfg.arch).map(str::to_string);
+        }
         let model = Model::load(cfg, &file, dtype.unwrap_or(DType::F32))?;
         // Generation ends at EOS and at the end-of-turn tokens llama.cpp also stops at.
         let mut eos = model.cfg.eos_token_ids.clone();
@@ -148,6 +151,12 @@ impl Engine {
                 if !eos.contains(&id) {
                     eos.push(id);
                 }
+            }
+        }
+        // Gemma's chat turns end with <end_of_turn> (HF's generation_config lists it as an EOS).
+        if matches!(model.cfg.arch, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3) {
+            if let Some(id) = tokenizer.token_to_id("<end_of_turn>").filter(|id| !eos.contains(id)) {
+                eos.push(id);
             }
         }
         Ok(Self::assemble(model, tokenizer, GenerationDefaults::default(), eos, device))

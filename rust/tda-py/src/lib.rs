@@ -261,8 +261,15 @@ impl Stream {
     }
 }
 
+/// Writes a GGUF file as an HF model directory (float32 safetensors, config.json, tokenizer files).
+#[pyfunction]
+fn convert_gguf(py: Python<'_>, src: PathBuf, dst: PathBuf) -> PyResult<()> {
+    compute(py, move || tda_core::load::gguf::GgufFile::open(&src)?.convert_to_hf(&dst))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(convert_gguf, m)?)?;
     m.add_class::<Engine>()?;
     m.add_class::<Stream>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -113,7 +113,9 @@ impl GgufFile {
         c.insert("tie_word_embeddings".into(), json!(!has("output.weight")));
         c.insert("attention_bias".into(), json!(has("blk.0.attn_q.bias") || has("blk.0.attn_output.bias")));
         c.insert("mlp_bias".into(), json!(has("blk.0.ffn_up.bias")));
-        for (k, hf) in [("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")] {
+        for (k, hf) in
+            [("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")]
+        {
             if let Some(v) = self.meta_u64(k)? {
                 c.insert(hf.into(), json!(v));
             }
@@ -121,7 +123,9 @@ impl GgufFile {
         let theta = self.meta_f64(&key("rope.freq_base"))?;
         let scaling = match self.meta_str_opt(&key("rope.scaling.type")) {
             None | Some("none") => Json::Null,
-            Some("linear") => json!({"rope_type": "linear", "factor": self.meta_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0)}),
+            Some("linear") => {
+                json!({"rope_type": "linear", "factor": self.meta_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0)})
+            }
             Some(other) => {
                 return Err(Error::model(format!(
                     "unsupported rope scaling '{other}' in GGUF file {}",
@@ -228,17 +232,93 @@ impl GgufFile {
         Some(format!("blk.{layer}.{g}.{suffix}"))
     }
 
+    /// The HF name of a GGUF tensor (the inverse of [`Self::gguf_name`]); `None` for tensors that
+    /// have no HF counterpart (such as `rope_freqs.weight`, which lives in the config).
+    fn hf_name(&self, gguf: &str) -> Option<String> {
+        let (module, suffix) = gguf.rsplit_once('.')?;
+        let top = match module {
+            "token_embd" => Some("model.embed_tokens"),
+            "output_norm" => Some("model.norm"),
+            "output" => Some("lm_head"),
+            _ => None,
+        };
+        if let Some(t) = top {
+            return Some(format!("{t}.{suffix}"));
+        }
+        let rest = module.strip_prefix("blk.")?;
+        let (layer, g) = rest.split_once('.')?;
+        let sandwich = matches!(self.arch.as_str(), "gemma2" | "gemma3");
+        let m = match g {
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "attn_q_norm" => "self_attn.q_norm",
+            "attn_k_norm" => "self_attn.k_norm",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            "attn_norm" => "input_layernorm",
+            "post_attention_norm" => "post_attention_layernorm",
+            "ffn_norm" if sandwich => "pre_feedforward_layernorm",
+            "ffn_norm" => "post_attention_layernorm",
+            "post_ffw_norm" => "post_feedforward_layernorm",
+            _ => return None,
+        };
+        Some(format!("model.layers.{layer}.{m}.{suffix}"))
+    }
+
+    /// Writes the model as an HF directory: `model.safetensors` (float32, HF tensor layout),
+    /// `config.json`, `tokenizer.json` and `tokenizer_config.json` (special tokens, chat template).
+    pub fn convert_to_hf(&self, out: &Path) -> Result<()> {
+        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Err(Error::model(format!(
+                "{}: per-frequency rope factors (rope_freqs) have no config.json equivalent; cannot convert",
+                self.path.display()
+            )));
+        }
+        let io = |e: std::io::Error| Error::model(format!("cannot write to {}: {e}", out.display()));
+        std::fs::create_dir_all(out).map_err(io)?;
+        let mut config = self.hf_config()?;
+        config["torch_dtype"] = json!("float32");
+        let tokenizer = super::gguf_tokenizer::from_gguf(self.metadata())?;
+        let tokenizer_json = super::gguf_tokenizer::tokenizer_json_from_gguf(self.metadata())?;
+        let mut tensors = std::collections::HashMap::new();
+        for (g, info) in &self.content.tensor_infos {
+            if let Some(hf) = self.hf_name(g) {
+                tensors.insert(hf.clone(), self.tensor(&hf, info.shape.dims(), DType::F32)?);
+            }
+        }
+        candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
+        let write = |name: &str, v: &Json| {
+            std::fs::write(out.join(name), serde_json::to_string_pretty(v).unwrap_or_default()).map_err(io)
+        };
+        write("config.json", &config)?;
+        std::fs::write(out.join("tokenizer.json"), tokenizer_json).map_err(io)?;
+        let mut tc = Map::new();
+        tc.insert("bos_token".into(), json!(tokenizer.bos_token));
+        tc.insert("eos_token".into(), json!(tokenizer.eos_token));
+        if let Some(t) = &tokenizer.chat_template {
+            tc.insert("chat_template".into(), json!(t));
+        }
+        write("tokenizer_config.json", &Json::Object(tc))
+    }
+
     fn meta_u64(&self, k: &str) -> Result<Option<u64>> {
         match self.content.metadata.get(k) {
             None => Ok(None),
-            Some(v) => v.to_u64().or_else(|_| v.to_u32().map(u64::from)).map(Some).map_err(|_| self.bad_type(k, "an integer")),
+            Some(v) => {
+                v.to_u64().or_else(|_| v.to_u32().map(u64::from)).map(Some).map_err(|_| self.bad_type(k, "an integer"))
+            }
         }
     }
 
     fn meta_f64(&self, k: &str) -> Result<Option<f64>> {
         match self.content.metadata.get(k) {
             None => Ok(None),
-            Some(v) => v.to_f32().map(f64::from).or_else(|_| v.to_f64()).map(Some).map_err(|_| self.bad_type(k, "a float")),
+            Some(v) => {
+                v.to_f32().map(f64::from).or_else(|_| v.to_f64()).map(Some).map_err(|_| self.bad_type(k, "a float"))
+            }
         }
     }
 
@@ -309,8 +389,10 @@ impl WeightSource for GgufFile {
         };
         if let (Some(head_key), "llama") = (q_or_k, self.arch.as_str()) {
             let key = format!("{}.{head_key}", self.arch);
-            let heads = self.meta_u64(&key)?.or(self.meta_u64("llama.attention.head_count")?).ok_or_else(|| self.missing(&key))?
-                as usize;
+            let heads = self
+                .meta_u64(&key)?
+                .or(self.meta_u64("llama.attention.head_count")?)
+                .ok_or_else(|| self.missing(&key))? as usize;
             let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
             let data = t.flatten_all()?.to_vec1::<f32>()?;
             t = Tensor::from_vec(unpermute_rows(&data, rows, cols, heads), shape, &Device::Cpu)?;

@@ -107,6 +107,16 @@ impl TextTokenizer {
     }
 }
 
+/// The chat template to use when a model carries none (GGUF files often omit it): the official
+/// template of the architecture's instruction-tuned models, as llama.cpp also falls back to.
+pub fn builtin_chat_template(arch: crate::config::Arch) -> Option<&'static str> {
+    use crate::config::Arch;
+    match arch {
+        Arch::Gemma | Arch::Gemma2 | Arch::Gemma3 => Some(include_str!("chat_templates/gemma.jinja")),
+        _ => None,
+    }
+}
+
 /// `"<s>"` or `{"content": "<s>", ...}`.
 fn special_token(v: Option<&Value>) -> Option<String> {
     match v? {
