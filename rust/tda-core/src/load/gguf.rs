@@ -17,15 +17,15 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// GGUF `general.architecture` values and the HF class each maps to.
-const ARCHITECTURES: &[(&str, &str)] = &[
-    ("llama", "LlamaForCausalLM"),
-    ("mistral", "MistralForCausalLM"),
-    ("gemma", "GemmaForCausalLM"),
-    ("gemma2", "Gemma2ForCausalLM"),
-    ("gemma3", "Gemma3ForCausalLM"),
-    ("qwen2", "Qwen2ForCausalLM"),
-    ("qwen3", "Qwen3ForCausalLM"),
+/// GGUF `general.architecture` values, the HF class and the HF `model_type` each maps to.
+const ARCHITECTURES: &[(&str, &str, &str)] = &[
+    ("llama", "LlamaForCausalLM", "llama"),
+    ("mistral", "MistralForCausalLM", "mistral"),
+    ("gemma", "GemmaForCausalLM", "gemma"),
+    ("gemma2", "Gemma2ForCausalLM", "gemma2"),
+    ("gemma3", "Gemma3ForCausalLM", "gemma3_text"),
+    ("qwen2", "Qwen2ForCausalLM", "qwen2"),
+    ("qwen3", "Qwen3ForCausalLM", "qwen3"),
 ];
 
 pub struct GgufFile {
@@ -79,8 +79,8 @@ impl GgufFile {
     /// The HF `config.json` equivalent of the metadata.
     pub fn hf_config(&self) -> Result<Json> {
         let a = self.arch.as_str();
-        let class = ARCHITECTURES.iter().find(|(g, _)| *g == a).map(|(_, c)| *c).ok_or_else(|| {
-            let names: Vec<&str> = ARCHITECTURES.iter().map(|(g, _)| *g).collect();
+        let (_, class, model_type) = ARCHITECTURES.iter().find(|(g, _, _)| *g == a).ok_or_else(|| {
+            let names: Vec<&str> = ARCHITECTURES.iter().map(|(g, _, _)| *g).collect();
             Error::model(format!(
                 "unsupported GGUF architecture '{a}' in {}; supported: {}",
                 self.path.display(),
@@ -98,6 +98,7 @@ impl GgufFile {
         let head_dim = self.meta_u64(&key("attention.key_length"))?.unwrap_or(hidden / heads.max(1));
         let mut c = Map::new();
         c.insert("architectures".into(), json!([class]));
+        c.insert("model_type".into(), json!(model_type));
         c.insert("hidden_size".into(), json!(hidden));
         c.insert("intermediate_size".into(), json!(req("feed_forward_length")?));
         c.insert("num_hidden_layers".into(), json!(req("block_count")?));
