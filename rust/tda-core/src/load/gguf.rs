@@ -28,6 +28,9 @@ const ARCHITECTURES: &[(&str, &str, &str)] = &[
     ("qwen3", "Qwen3ForCausalLM", "qwen3"),
 ];
 
+/// Pairs of (GGUF, HF) module names.
+type NameTable = &'static [(&'static str, &'static str)];
+
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
@@ -197,75 +200,65 @@ impl GgufFile {
         Ok(q.dequantize(&Device::Cpu)?)
     }
 
+    /// (GGUF, HF) module names of this architecture: per-layer (`blk.N.` / `model.layers.N.`)
+    /// and top-level. Gemma 2/3's "sandwich" norms name the pre-FFN norm differently.
+    fn name_table(&self) -> (NameTable, NameTable) {
+        const TOP: &[(&str, &str)] =
+            &[("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
+        const PLAIN: &[(&str, &str)] = &[
+            ("attn_q", "self_attn.q_proj"),
+            ("attn_k", "self_attn.k_proj"),
+            ("attn_v", "self_attn.v_proj"),
+            ("attn_output", "self_attn.o_proj"),
+            ("attn_q_norm", "self_attn.q_norm"),
+            ("attn_k_norm", "self_attn.k_norm"),
+            ("ffn_gate", "mlp.gate_proj"),
+            ("ffn_up", "mlp.up_proj"),
+            ("ffn_down", "mlp.down_proj"),
+            ("attn_norm", "input_layernorm"),
+            ("ffn_norm", "post_attention_layernorm"),
+        ];
+        const SANDWICH: &[(&str, &str)] = &[
+            ("attn_q", "self_attn.q_proj"),
+            ("attn_k", "self_attn.k_proj"),
+            ("attn_v", "self_attn.v_proj"),
+            ("attn_output", "self_attn.o_proj"),
+            ("attn_q_norm", "self_attn.q_norm"),
+            ("attn_k_norm", "self_attn.k_norm"),
+            ("ffn_gate", "mlp.gate_proj"),
+            ("ffn_up", "mlp.up_proj"),
+            ("ffn_down", "mlp.down_proj"),
+            ("attn_norm", "input_layernorm"),
+            ("post_attention_norm", "post_attention_layernorm"),
+            ("ffn_norm", "pre_feedforward_layernorm"),
+            ("post_ffw_norm", "post_feedforward_layernorm"),
+        ];
+        let sandwich = matches!(self.arch.as_str(), "gemma2" | "gemma3");
+        (if sandwich { SANDWICH } else { PLAIN }, TOP)
+    }
+
     /// The GGUF tensor name of an HF tensor name, for this file's architecture.
     fn gguf_name(&self, hf: &str) -> Option<String> {
-        if hf == "lm_head.weight" {
-            return Some("output.weight".into());
+        let (layer_names, top) = self.name_table();
+        let (module, suffix) = hf.rsplit_once('.')?;
+        if let Some((g, _)) = top.iter().find(|(_, h)| *h == module) {
+            return Some(format!("{g}.{suffix}"));
         }
-        let rest = hf.strip_prefix("model.")?;
-        if let Some(suffix) = rest.strip_prefix("embed_tokens.") {
-            return Some(format!("token_embd.{suffix}"));
-        }
-        if let Some(suffix) = rest.strip_prefix("norm.") {
-            return Some(format!("output_norm.{suffix}"));
-        }
-        let rest = rest.strip_prefix("layers.")?;
-        let (layer, rest) = rest.split_once('.')?;
-        let (module, suffix) = rest.rsplit_once('.')?;
-        let sandwich = matches!(self.arch.as_str(), "gemma2" | "gemma3");
-        let g = match module {
-            "self_attn.q_proj" => "attn_q",
-            "self_attn.k_proj" => "attn_k",
-            "self_attn.v_proj" => "attn_v",
-            "self_attn.o_proj" => "attn_output",
-            "self_attn.q_norm" => "attn_q_norm",
-            "self_attn.k_norm" => "attn_k_norm",
-            "mlp.gate_proj" => "ffn_gate",
-            "mlp.up_proj" => "ffn_up",
-            "mlp.down_proj" => "ffn_down",
-            "input_layernorm" => "attn_norm",
-            "post_attention_layernorm" if sandwich => "post_attention_norm",
-            "post_attention_layernorm" => "ffn_norm",
-            "pre_feedforward_layernorm" => "ffn_norm",
-            "post_feedforward_layernorm" => "post_ffw_norm",
-            _ => return None,
-        };
+        let (layer, m) = module.strip_prefix("model.layers.")?.split_once('.')?;
+        let (g, _) = layer_names.iter().find(|(_, h)| *h == m)?;
         Some(format!("blk.{layer}.{g}.{suffix}"))
     }
 
     /// The HF name of a GGUF tensor (the inverse of [`Self::gguf_name`]); `None` for tensors that
     /// have no HF counterpart (such as `rope_freqs.weight`, which lives in the config).
     fn hf_name(&self, gguf: &str) -> Option<String> {
+        let (layer_names, top) = self.name_table();
         let (module, suffix) = gguf.rsplit_once('.')?;
-        let top = match module {
-            "token_embd" => Some("model.embed_tokens"),
-            "output_norm" => Some("model.norm"),
-            "output" => Some("lm_head"),
-            _ => None,
-        };
-        if let Some(t) = top {
-            return Some(format!("{t}.{suffix}"));
+        if let Some((_, h)) = top.iter().find(|(g, _)| *g == module) {
+            return Some(format!("{h}.{suffix}"));
         }
-        let rest = module.strip_prefix("blk.")?;
-        let (layer, g) = rest.split_once('.')?;
-        let sandwich = matches!(self.arch.as_str(), "gemma2" | "gemma3");
-        let m = match g {
-            "attn_q" => "self_attn.q_proj",
-            "attn_k" => "self_attn.k_proj",
-            "attn_v" => "self_attn.v_proj",
-            "attn_output" => "self_attn.o_proj",
-            "attn_q_norm" => "self_attn.q_norm",
-            "attn_k_norm" => "self_attn.k_norm",
-            "ffn_gate" => "mlp.gate_proj",
-            "ffn_up" => "mlp.up_proj",
-            "ffn_down" => "mlp.down_proj",
-            "attn_norm" => "input_layernorm",
-            "post_attention_norm" => "post_attention_layernorm",
-            "ffn_norm" if sandwich => "pre_feedforward_layernorm",
-            "ffn_norm" => "post_attention_layernorm",
-            "post_ffw_norm" => "post_feedforward_layernorm",
-            _ => return None,
-        };
+        let (layer, g) = module.strip_prefix("blk.")?.split_once('.')?;
+        let (_, m) = layer_names.iter().find(|(name, _)| *name == g)?;
         Some(format!("model.layers.{layer}.{m}.{suffix}"))
     }
 

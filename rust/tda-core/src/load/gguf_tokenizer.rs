@@ -7,12 +7,21 @@
 //! the model's original tokenizer, the original tokenizer and llama.cpp (`src/llama-vocab.cpp`):
 //!
 //! - `tokenizer.ggml.model == "gpt2"`: byte-level BPE. The pre-tokenizer comes from
-//!   `tokenizer.ggml.pre`, with llama.cpp's names and regexes (see [`bpe_pre_tokenizer`]).
+//!   `tokenizer.ggml.pre`, with llama.cpp's names and regexes (see [`SUPPORTED_BPE_PRE_TYPES`]).
 //! - `tokenizer.ggml.model == "llama"`: SentencePiece-style BPE with byte fallback. The merges come
 //!   from the file or, when it has none, are rebuilt from the vocabulary (ranked by score; for Gemma
 //!   by position in the file, as transformers does).
 //! - Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain added
 //!   tokens, and `add_bos_token` / `add_eos_token` a `TemplateProcessing` post-processor.
+//!
+//! Where we depart from transformers' GGUF conversion, on purpose:
+//! - "smollm", "starcoder" and the like split digits one by one first (transformers drops that);
+//! - the Llama 3 family keeps BPE's `ignore_merges` (transformers drops it);
+//! - "qwen2" / "qwen35" normalize to NFC, as Qwen's own tokenizer does (llama.cpp does not);
+//! - a sentencepiece vocabulary gets its space prefix from a `Prepend` normalizer, at the start of
+//!   the text and again after each added token, as sentencepiece and llama.cpp do (transformers'
+//!   `Metaspace(prepend_scheme="first")` adds none to text that starts with a space);
+//! - a missing `add_bos_token` defaults as in llama.cpp (on for sentencepiece and Llama 3).
 
 use super::tokenizer::TextTokenizer;
 use crate::error::{Error, Result};
@@ -713,7 +722,7 @@ mod tests {
             tokens.push(m.replace(' ', ""));
         }
         let mut types = vec![3, 3];
-        types.extend(std::iter::repeat(1).take(tokens.len() - 2));
+        types.extend(std::iter::repeat_n(1, tokens.len() - 2));
         let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
         HashMap::from([
             (KEY_MODEL.to_string(), Value::String("gpt2".into())),
@@ -759,6 +768,26 @@ mod tests {
             let ids = tok.encode("hello world, 1234 héllo\n\n  x", false).unwrap();
             assert_eq!(tok.decode(&ids, false).unwrap(), "hello world, 1234 héllo\n\n  x", "{pre}");
         }
+    }
+
+    #[test]
+    fn pre_type_defaults_follow_llama_cpp() {
+        // Llama 3's vocabularies add BOS unless the file says otherwise; GPT-2's do not.
+        let mut md = gpt2_metadata("llama-bpe");
+        md.remove(KEY_ADD_BOS);
+        let tok = from_gguf(&md).unwrap();
+        assert_eq!(tok.encode("hello", true).unwrap(), vec![1, id(&tok, "hello")]);
+        let json: serde_json::Value = serde_json::from_str(&tokenizer_json_from_gguf(&md).unwrap()).unwrap();
+        assert_eq!(json["model"]["ignore_merges"], true);
+        let mut md = gpt2_metadata("gpt-2");
+        md.remove(KEY_ADD_BOS);
+        let tok = from_gguf(&md).unwrap();
+        assert_eq!(tok.encode("hello", true).unwrap(), vec![id(&tok, "hello")]);
+        // Qwen normalizes to NFC first: "e" + U+0301 is "é" (bytes C3 A9, spelled "Ã©").
+        let tok = from_gguf(&gpt2_metadata("qwen2")).unwrap();
+        assert_eq!(tok.encode("e\u{301}", false).unwrap(), vec![id(&tok, "Ã"), id(&tok, "©")]);
+        let tok = from_gguf(&gpt2_metadata("llama-bpe")).unwrap();
+        assert_eq!(tok.encode("e\u{301}", false).unwrap(), vec![id(&tok, "e"), id(&tok, "Ì"), id(&tok, "ģ")]);
     }
 
     #[test]
