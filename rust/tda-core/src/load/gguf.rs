@@ -31,6 +31,10 @@ const ARCHITECTURES: &[(&str, &str, &str)] = &[
 /// Pairs of (GGUF, HF) module names.
 type NameTable = &'static [(&'static str, &'static str)];
 
+/// Top-level tensors, (GGUF, HF).
+const TOP_NAMES: NameTable =
+    &[("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
+
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
@@ -200,12 +204,10 @@ impl GgufFile {
         Ok(q.dequantize(&Device::Cpu)?)
     }
 
-    /// (GGUF, HF) module names of this architecture: per-layer (`blk.N.` / `model.layers.N.`)
-    /// and top-level. Gemma 2/3's "sandwich" norms name the pre-FFN norm differently.
-    fn name_table(&self) -> (NameTable, NameTable) {
-        const TOP: &[(&str, &str)] =
-            &[("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
-        const PLAIN: &[(&str, &str)] = &[
+    /// (GGUF, HF) module names of this architecture's layers (`blk.N.` / `model.layers.N.`).
+    /// Gemma 2/3's "sandwich" norms name the pre-FFN norm differently.
+    fn layer_names(&self) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+        const COMMON: NameTable = &[
             ("attn_q", "self_attn.q_proj"),
             ("attn_k", "self_attn.k_proj"),
             ("attn_v", "self_attn.v_proj"),
@@ -216,49 +218,37 @@ impl GgufFile {
             ("ffn_up", "mlp.up_proj"),
             ("ffn_down", "mlp.down_proj"),
             ("attn_norm", "input_layernorm"),
-            ("ffn_norm", "post_attention_layernorm"),
         ];
-        const SANDWICH: &[(&str, &str)] = &[
-            ("attn_q", "self_attn.q_proj"),
-            ("attn_k", "self_attn.k_proj"),
-            ("attn_v", "self_attn.v_proj"),
-            ("attn_output", "self_attn.o_proj"),
-            ("attn_q_norm", "self_attn.q_norm"),
-            ("attn_k_norm", "self_attn.k_norm"),
-            ("ffn_gate", "mlp.gate_proj"),
-            ("ffn_up", "mlp.up_proj"),
-            ("ffn_down", "mlp.down_proj"),
-            ("attn_norm", "input_layernorm"),
+        const PLAIN_NORMS: NameTable = &[("ffn_norm", "post_attention_layernorm")];
+        const SANDWICH_NORMS: NameTable = &[
             ("post_attention_norm", "post_attention_layernorm"),
             ("ffn_norm", "pre_feedforward_layernorm"),
             ("post_ffw_norm", "post_feedforward_layernorm"),
         ];
         let sandwich = matches!(self.arch.as_str(), "gemma2" | "gemma3");
-        (if sandwich { SANDWICH } else { PLAIN }, TOP)
+        COMMON.iter().chain(if sandwich { SANDWICH_NORMS } else { PLAIN_NORMS })
     }
 
     /// The GGUF tensor name of an HF tensor name, for this file's architecture.
     fn gguf_name(&self, hf: &str) -> Option<String> {
-        let (layer_names, top) = self.name_table();
         let (module, suffix) = hf.rsplit_once('.')?;
-        if let Some((g, _)) = top.iter().find(|(_, h)| *h == module) {
+        if let Some((g, _)) = TOP_NAMES.iter().find(|(_, h)| *h == module) {
             return Some(format!("{g}.{suffix}"));
         }
         let (layer, m) = module.strip_prefix("model.layers.")?.split_once('.')?;
-        let (g, _) = layer_names.iter().find(|(_, h)| *h == m)?;
+        let (g, _) = self.layer_names().find(|(_, h)| *h == m)?;
         Some(format!("blk.{layer}.{g}.{suffix}"))
     }
 
     /// The HF name of a GGUF tensor (the inverse of [`Self::gguf_name`]); `None` for tensors that
     /// have no HF counterpart (such as `rope_freqs.weight`, which lives in the config).
     fn hf_name(&self, gguf: &str) -> Option<String> {
-        let (layer_names, top) = self.name_table();
         let (module, suffix) = gguf.rsplit_once('.')?;
-        if let Some((_, h)) = top.iter().find(|(g, _)| *g == module) {
+        if let Some((_, h)) = TOP_NAMES.iter().find(|(g, _)| *g == module) {
             return Some(format!("{h}.{suffix}"));
         }
         let (layer, g) = module.strip_prefix("blk.")?.split_once('.')?;
-        let (_, m) = layer_names.iter().find(|(name, _)| *name == g)?;
+        let (_, m) = self.layer_names().find(|(name, _)| *name == g)?;
         Some(format!("model.layers.{layer}.{m}.{suffix}"))
     }
 
