@@ -294,8 +294,8 @@ class Engine:
                 seed=seed,
                 stop=stop,
                 stop_token_ids=stop_token_ids,
-                ignore_eos=bool(ignore_eos),
-                logprobs=bool(logprobs),
+                ignore_eos=ignore_eos,
+                logprobs=logprobs,
             )
         )
         prompts, batched = self._prompts(prompt)

@@ -124,15 +124,7 @@ impl Engine {
             cfg.declared_dtype.as_deref().and_then(|d| parse_dtype(d).ok().flatten()).unwrap_or(DType::F32)
         });
         let model = Model::load(cfg, &weights, dtype)?;
-        let mut eos = if !defaults.eos_token_ids.is_empty() {
-            defaults.eos_token_ids.clone()
-        } else {
-            model.cfg.eos_token_ids.clone()
-        };
-        if eos.is_empty() {
-            eos.extend(tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)));
-        }
-        Ok(Self::assemble(model, tokenizer, defaults, eos, device))
+        Ok(Self::assemble(model, tokenizer, defaults, vec![], device))
     }
 
     /// A GGUF file: weights dequantized to `dtype` ("auto" = float32), tokenizer from the metadata.
@@ -144,33 +136,49 @@ impl Engine {
             tokenizer.chat_template = builtin_chat_template(cfg.arch).map(str::to_string);
         }
         let model = Model::load(cfg, &file, dtype.unwrap_or(DType::F32))?;
-        // Generation ends at EOS and at the end-of-turn tokens llama.cpp also stops at.
-        let mut eos = model.cfg.eos_token_ids.clone();
-        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
-            if let Some(id) = file.metadata().get(key).and_then(|v| v.to_u32().ok()) {
-                if !eos.contains(&id) {
-                    eos.push(id);
-                }
-            }
-        }
-        // Gemma's chat turns end with <end_of_turn> (HF's generation_config lists it as an EOS).
+        // Generation also ends at the end-of-turn tokens llama.cpp stops at, and at Gemma's
+        // <end_of_turn> (HF's generation_config for Gemma lists it as an EOS).
+        let mut end_of_turn: Vec<u32> = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+            .iter()
+            .filter_map(|k| file.metadata().get(*k).and_then(|v| v.to_u32().ok()))
+            .collect();
         if matches!(model.cfg.arch, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3) {
-            if let Some(id) = tokenizer.token_to_id("<end_of_turn>").filter(|id| !eos.contains(id)) {
-                eos.push(id);
-            }
+            end_of_turn.extend(tokenizer.token_to_id("<end_of_turn>"));
         }
-        Ok(Self::assemble(model, tokenizer, GenerationDefaults::default(), eos, device))
+        Ok(Self::assemble(model, tokenizer, GenerationDefaults::default(), end_of_turn, device))
     }
 
+    /// Generation ends at the EOS ids of generation_config.json, else config.json, else the
+    /// tokenizer's EOS token, plus any `end_of_turn` ids.
     fn assemble(
         model: Model,
         tokenizer: TextTokenizer,
         defaults: GenerationDefaults,
-        eos_token_ids: Vec<u32>,
+        end_of_turn: Vec<u32>,
         device: String,
     ) -> Self {
+        let mut eos = if defaults.eos_token_ids.is_empty() {
+            model.cfg.eos_token_ids.clone()
+        } else {
+            defaults.eos_token_ids.clone()
+        };
+        if eos.is_empty() {
+            eos.extend(tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)));
+        }
+        for id in end_of_turn {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
         Self {
-            shared: Arc::new(Shared { model, tokenizer, defaults, eos_token_ids, device, pool: Mutex::new(vec![]) }),
+            shared: Arc::new(Shared {
+                model,
+                tokenizer,
+                defaults,
+                eos_token_ids: eos,
+                device,
+                pool: Mutex::new(vec![]),
+            }),
         }
     }
 

@@ -73,9 +73,10 @@ impl Model {
             });
         }
         let final_norm = norm(&format!("{prefix}norm"))?;
-        let lm_weight = if cfg.tie_word_embeddings
-            || matches!(cfg.arch, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3) && !src.contains("lm_head.weight")
-        {
+        // Gemma always ties its embeddings, whatever the config says, when there is no lm_head.
+        let gemma_tied =
+            matches!(cfg.arch, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3) && !src.contains("lm_head.weight");
+        let lm_weight = if cfg.tie_word_embeddings || gemma_tied {
             embed.clone()
         } else {
             src.tensor("lm_head.weight", &[v, d], dtype)?
