@@ -2,10 +2,10 @@
 
 Quick start::
 
-    from tda_engine import Engine
+    from tda_engine import Engine, Sparsity
     eng = Engine.from_pretrained("path/to/hf-model-dir", dtype="float32")
-    out = eng.generate("The capital of France is", max_new_tokens=20)
-    print(out.text, out.finish_reason, out.timings.decode_tokens_per_s)
+    out = eng.generate("The capital of France is", max_new_tokens=20, sparsity=Sparsity.tda(density=0.5))
+    print(out.text, out.finish_reason, out.timings.decode_tokens_per_s, out.ffn_active)
 
 The heavy lifting is in Rust (``tda_engine._native``); this module normalises Python arguments
 (prompts as text, token ids, or batches of either) and wraps results in small classes.
@@ -14,14 +14,26 @@ The heavy lifting is in Rust (``tda_engine._native``); this module normalises Py
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import _native, models
+from .sparsity import Sparsity, Thresholds, _check_density
 
-__all__ = ["Engine", "GenerationResult", "Usage", "Timings", "Stream", "convert_gguf", "__version__"]
+__all__ = [
+    "Engine",
+    "GenerationResult",
+    "Usage",
+    "Timings",
+    "Stream",
+    "Sparsity",
+    "Thresholds",
+    "convert_gguf",
+    "__version__",
+]
 __version__ = _native.__version__
 
 
@@ -73,7 +85,8 @@ class GenerationResult(_Record):
     ``token_ids`` are every generated id, including a final stop/EOS token; ``finish_reason`` is
     ``"stop"`` (EOS, a stop token or a stop string) or ``"length"`` (max_new_tokens or the context).
     ``logprobs`` holds each generated token's log-probability under the model (before sampling
-    adjustments) when requested with ``logprobs=True``.
+    adjustments) when requested with ``logprobs=True``. ``ffn_active`` lists, per layer, the FFN
+    neurons decoding computed (``intermediate_size`` for dense).
     """
 
     text: str
@@ -82,6 +95,7 @@ class GenerationResult(_Record):
     usage: Usage
     timings: Timings
     logprobs: list[float] | None = field(default=None)
+    ffn_active: list[int] = field(default_factory=list)
 
     @classmethod
     def _from_native(cls, d: Mapping[str, Any]) -> GenerationResult:
@@ -92,6 +106,7 @@ class GenerationResult(_Record):
             usage=Usage(d["prompt_tokens"], d["completion_tokens"]),
             timings=Timings(d["prefill_s"], d["decode_s"], d["decode_tokens_per_s"]),
             logprobs=d["logprobs"],
+            ffn_active=list(d["ffn_active"]),
         )
 
 
@@ -154,8 +169,12 @@ def _check_options(opts: dict) -> dict:
             raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
     opts["ignore_eos"] = bool(opts.get("ignore_eos", False))
     opts["logprobs"] = bool(opts.get("logprobs", False))
+    opts["sparsity"] = Sparsity.of(opts.get("sparsity"))
     return opts
 
+
+# Bump when the default calibration (corpus, algorithm) changes: it invalidates cached thresholds.
+_CALIBRATION_VERSION = 1
 
 # Every generation option and its "not given" value (None = the model's default).
 _OPTION_DEFAULTS = {
@@ -170,6 +189,7 @@ _OPTION_DEFAULTS = {
     "stop_token_ids": None,
     "ignore_eos": False,
     "logprobs": False,
+    "sparsity": None,
 }
 
 
@@ -272,6 +292,7 @@ class Engine:
         stop_token_ids=None,
         ignore_eos: bool = False,
         logprobs: bool = False,
+        sparsity: Sparsity | str | None = None,
     ):
         """Generates a continuation.
 
@@ -281,7 +302,9 @@ class Engine:
         ``temperature`` 0 is greedy; ``top_k`` 0 is off; ``top_p`` in (0, 1]; ``min_p`` in [0, 1];
         ``repetition_penalty`` > 0 (1 is off). ``seed`` makes sampling reproducible. ``stop``: a
         string or list of strings that end the generation (cut from the text). ``stop_token_ids``:
-        ids that end it (as EOS does unless ``ignore_eos``).
+        ids that end it (as EOS does unless ``ignore_eos``). ``sparsity``: which FFN neurons
+        decoding computes (a :class:`Sparsity`, a string such as ``"tda:0.5"``, or None for dense);
+        the prompt always runs densely and chooses them.
         """
         opts = _check_options(
             dict(
@@ -296,8 +319,10 @@ class Engine:
                 stop_token_ids=stop_token_ids,
                 ignore_eos=ignore_eos,
                 logprobs=logprobs,
+                sparsity=sparsity,
             )
         )
+        opts = self._native_options(opts)
         prompts, batched = self._prompts(prompt)
         results = [GenerationResult._from_native(self._n.generate(ids, opts)) for ids in prompts]
         return results if batched else results[0]
@@ -310,7 +335,7 @@ class Engine:
         prompts, batched = self._prompts(prompt)
         if batched:
             raise TypeError("stream() takes a single prompt, not a batch")
-        opts = _check_options({**_OPTION_DEFAULTS, **options})
+        opts = self._native_options(_check_options({**_OPTION_DEFAULTS, **options}))
         return Stream(self._n.stream(prompts[0], opts))
 
     def chat(self, messages, **options):
@@ -324,7 +349,144 @@ class Engine:
         """Streaming version of :meth:`chat` for one conversation."""
         return self.stream(self._chat_ids(messages), **options)
 
+    # -- sparse decoding ---------------------------------------------------------------------
+
+    def calibrate(
+        self,
+        texts: str | Sequence[str] | None = None,
+        density: float | None = None,
+        max_ppl_increase: float | None = None,
+        lengths: Sequence[int] | None = None,
+        max_windows: int | None = None,
+    ) -> Thresholds:
+        """Calibrates TDA thresholds for this model; give exactly one target.
+
+        ``density``: the fraction of each layer's neurons to keep. Windows of the text run densely
+        and each layer's threshold is the ``1 - density`` quantile of the pooled scores, pooled
+        separately at prompt lengths ``lengths`` (default 16 ... 512) so that the delivered density
+        holds for short and long prompts alike.
+        ``max_ppl_increase``: per-layer thresholds that keep the fewest FFN weights while the
+        perplexity of held-out windows (the end of the text) stays within ``1 + max_ppl_increase``
+        times dense; the findings are in ``.report``.
+        ``texts``: a str or a list of str; None uses the project's built-in calibration corpus.
+        ``max_windows``: at most this many calibration windows (default 8).
+        """
+        if texts is None:
+            texts = []
+        elif isinstance(texts, str):
+            texts = [texts]
+        elif not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"texts must be a str, a list of str, or None; got {type(texts).__name__}")
+        if (density is None) == (max_ppl_increase is None):
+            raise ValueError("calibrate() takes exactly one of density= and max_ppl_increase=")
+        if density is not None:
+            density = _check_density(density)
+        if max_ppl_increase is not None:
+            if isinstance(max_ppl_increase, bool) or not isinstance(max_ppl_increase, (int, float)):
+                raise TypeError(f"max_ppl_increase must be a number, got {type(max_ppl_increase).__name__}")
+            if not (max_ppl_increase > 0 and math.isfinite(max_ppl_increase)):
+                raise ValueError(f"max_ppl_increase must be > 0, got {max_ppl_increase!r}")
+        if lengths is not None:
+            lengths = [int(x) for x in lengths]
+            if not lengths or min(lengths) < 1:
+                raise ValueError(f"lengths must be a non-empty list of ints >= 1, got {lengths!r}")
+        if max_windows is not None and (not _is_int(max_windows) or max_windows < 1):
+            raise ValueError(f"max_windows must be an int >= 1, got {max_windows!r}")
+        doc, report = self._n.calibrate(list(texts), density, max_ppl_increase, lengths, max_windows)
+        th = Thresholds.from_dict(json.loads(doc))
+        th.meta.setdefault("model", os.path.basename(self._path.rstrip("/")) or self._path)
+        th.report = dict(report) if report is not None else None
+        return th
+
+    def calibrate_densities(
+        self,
+        texts: str | Sequence[str] | None,
+        densities: Sequence[float],
+        lengths: Sequence[int] | None = None,
+        max_windows: int | None = None,
+    ) -> list[Thresholds]:
+        """:meth:`calibrate` with ``density=`` for several densities, from one pass over the text."""
+        texts = [] if texts is None else [texts] if isinstance(texts, str) else list(texts)
+        dens = [_check_density(d) for d in densities]
+        docs = self._n.calibrate_densities(
+            texts, dens, None if lengths is None else [int(x) for x in lengths], max_windows
+        )
+        return [Thresholds.from_dict(json.loads(d)) for d in docs]
+
+    def default_thresholds(self, density: float) -> Thresholds:
+        """The thresholds ``Sparsity.tda(density=...)`` uses: the engine's calibration on the
+        built-in corpus, made once per engine."""
+        return Thresholds.from_dict(json.loads(self._n.density_thresholds(_check_density(density))))
+
+    def score(self, ids: Sequence[int], prefix_len: int, sparsity: Sparsity | str | None = None):
+        """Log-probabilities (float32 numpy array) of ``ids[prefix_len:]``: ``ids[:prefix_len]`` runs
+        densely and chooses the mask, the first scored token comes from that dense prefix, and the
+        rest run with only the kept neurons (as decoding would, teacher-forced)."""
+        return self.score_many(ids, prefix_len, [sparsity])[0][0]
+
+    def score_many(self, ids: Sequence[int], prefix_len: int, sparsities: Sequence) -> list[tuple[Any, list[int]]]:
+        """Like :meth:`score` for several specs sharing one dense prefix; returns a list of
+        ``(log_probs, ffn_active)``."""
+        if not _is_int(prefix_len):
+            raise TypeError(f"prefix_len must be an int, got {type(prefix_len).__name__}")
+        if prefix_len < 1:
+            raise ValueError(f"prefix_len must be >= 1, got {prefix_len}")
+        specs = [self._native_sparsity(Sparsity.of(s)) for s in sparsities]
+        return [(lp, list(k)) for lp, k in self._n.score(self._ids(ids, "ids"), prefix_len, specs)]
+
+    def neuron_scores(self, ids: Sequence[int]) -> dict:
+        """Per layer, every FFN neuron's TDA and GRIFFIN score over the prompt ``ids``:
+        ``{"tda": [array per layer], "griffin": [...]}``."""
+        return dict(self._n.neuron_scores(self._ids(ids, "ids")))
+
+    def select_neurons(self, ids: Sequence[int], sparsity: Sparsity | str | None):
+        """Per layer, the ascending indices of the neurons decoding would keep for prompt ``ids``."""
+        return self._n.select_neurons(self._ids(ids, "ids"), self._native_sparsity(Sparsity.of(sparsity)))
+
     # -- argument normalisation --------------------------------------------------------------
+
+    def _native_sparsity(self, s: Sparsity) -> tuple:
+        if s.method == "tda" and s.thresholds is None:
+            s = Sparsity.tda(thresholds=self._cached_default_thresholds(s.density))
+        return s._native(self._n.model_info["num_layers"])
+
+    def _cached_default_thresholds(self, density: float) -> Thresholds:
+        """:meth:`default_thresholds`, kept on disk (``models.cache_dir()/calibration``) keyed by the
+        model files, the dtype and the engine version, so that a new process does not recalibrate."""
+        key = self._fingerprint()
+        path = models.cache_dir() / "calibration" / f"{key}-{density!r}.json" if key else None
+        if path is not None and path.exists():
+            try:
+                return Thresholds.load(path)
+            except (OSError, ValueError):
+                pass  # a damaged cache entry is rebuilt
+        th = self.default_thresholds(density)
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                th.save(tmp)
+                os.replace(tmp, path)
+            except OSError:
+                pass  # caching is an optimisation only
+        return th
+
+    def _fingerprint(self) -> str | None:
+        import hashlib
+
+        try:
+            p = os.path.abspath(self._path)
+            files = [p] if os.path.isfile(p) else sorted(os.path.join(p, f) for f in os.listdir(p))
+            parts = [__version__, str(_CALIBRATION_VERSION), self._n.model_info["dtype"]]
+            for f in files:
+                st = os.stat(f)
+                parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            return None
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+    def _native_options(self, opts: dict) -> dict:
+        return {**opts, "sparsity": self._native_sparsity(opts["sparsity"])}
 
     def _chat_ids(self, messages) -> list[int]:
         return self.tokenize(self.apply_chat_template(messages, True), add_special_tokens=False)

@@ -2,6 +2,8 @@
 
     tda-engine generate [MODEL] PROMPT [options]   continue a piece of text
     tda-engine chat [MODEL] [MESSAGE] [options]    answer a chat message (interactive without MESSAGE)
+    tda-engine calibrate [MODEL] --density D -o th.json     TDA thresholds for a model
+    tda-engine eval [MODEL] --text FILE            perplexity of dense, TDA and GRIFFIN decoding
 
 MODEL is an HF model directory, a .gguf file or a known model name; it defaults to the embedded
 default model, SmolLM2-135M-Instruct.
@@ -170,6 +172,13 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
         default="cpu",
         help="device to run on (default: cpu)",
     )
+    r.add_argument(
+        "--sparsity",
+        metavar="SPEC",
+        default=None,
+        help="sparse FFN decoding: 'dense', 'tda:DENSITY' (the engine's calibration), 'tda:FILE' "
+        "(thresholds from 'tda-engine calibrate') or 'griffin:DENSITY' (default: dense)",
+    )
 
     o = parser.add_argument_group("output")
     o.add_argument(
@@ -275,7 +284,140 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", metavar="GGUF", help="a .gguf file or a known model name")
     conv.add_argument("dst", metavar="OUT_DIR", help="the directory to write (created if needed)")
     conv.set_defaults(func=_cmd_convert)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="calibrate TDA thresholds for a model",
+        description="Run the model over calibration text and write per-layer TDA thresholds (JSON),\n"
+        "for --sparsity tda:FILE or Sparsity.tda(thresholds=FILE).",
+        epilog="examples:\n"
+        "  tda-engine calibrate --density 0.5 -o th.json        # default model, built-in text\n"
+        "  tda-engine calibrate ./my-model --text prompts.txt --density 0.5 -o th.json\n"
+        "  tda-engine calibrate ./my-model --text book.txt --max-ppl-increase 0.03 -o th.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_and_runtime(cal)
+    cal.add_argument(
+        "--text", metavar="FILE", action="append", help="calibration text (repeatable; default: built-in corpus)"
+    )
+    target = cal.add_mutually_exclusive_group(required=True)
+    target.add_argument("--density", type=float, help="fraction of each layer's FFN neurons to keep, in (0, 1]")
+    target.add_argument(
+        "--max-ppl-increase",
+        type=float,
+        metavar="X",
+        help="per-layer thresholds keeping the fewest FFN weights with held-out perplexity <= (1 + X) x dense",
+    )
+    cal.add_argument("-o", "--output", metavar="FILE", required=True, help="where to write the thresholds")
+    cal.set_defaults(func=_cmd_calibrate)
+
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity of dense, TDA and GRIFFIN decoding on a text",
+        description="Perplexity on held-out windows of a text for dense decoding, TDA and GRIFFIN at\n"
+        "several densities, and TDA with quality-budget calibration. The first part of the text\n"
+        "calibrates; in each window of the rest, the first half runs densely and chooses the\n"
+        "mask and the second half is scored.",
+        epilog="example:\n  tda-engine eval --text lee_background.cor --json smollm2.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_and_runtime(ev)
+    ev.add_argument("--text", metavar="FILE", required=True, help="the text (UTF-8)")
+    ev.add_argument("--densities", default="0.9,0.7,0.5,0.3", help="comma-separated (default: 0.9,0.7,0.5,0.3)")
+    ev.add_argument("--methods", default="tda,griffin", help="comma-separated, of tda, griffin (default: both)")
+    ev.add_argument(
+        "--budgets",
+        default="0.01,0.03",
+        help="max_ppl_increase values for TDA quality-budget calibration; '' for none (default: 0.01,0.03)",
+    )
+    ev.add_argument("--window", type=int, default=512, help="tokens per window (default: 512)")
+    ev.add_argument("--prefix", type=int, default=256, help="dense tokens per window (default: 256)")
+    ev.add_argument("--windows", type=int, default=32, help="at most this many windows (default: 32)")
+    ev.add_argument(
+        "--calibration-fraction", type=float, default=0.2, help="share of the text used to calibrate (default: 0.2)"
+    )
+    ev.add_argument(
+        "--length-check", action="store_true", help="also show the delivered TDA density against prompt length"
+    )
+    ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ev.set_defaults(func=_cmd_eval)
     return parser
+
+
+def _add_model_and_runtime(parser: argparse.ArgumentParser) -> None:
+    """MODEL (optional positional) and --dtype/--device, for commands that take no prompt."""
+    parser.add_argument("model", metavar="MODEL", nargs="?", default="default", help="the model (default: default)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision (default: float32)")
+    parser.add_argument("--device", default="cpu", help="device (default: cpu)")
+
+
+def _floats(s: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"{what}: expected comma-separated numbers, got {s!r}") from None
+
+
+def _read_text(path: str) -> str:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"text file not found: {path}")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    texts = [_read_text(p) for p in args.text] if args.text else None
+    engine = _load_engine(args)
+    t0 = time.perf_counter()
+    th = engine.calibrate(texts, density=args.density, max_ppl_increase=args.max_ppl_increase)
+    th.save(args.output)
+    msg = f"wrote {args.output}: {th.num_layers} layers, calibrated in {time.perf_counter() - t0:.1f} s"
+    if th.report:
+        r = th.report
+        msg += (
+            f"; kept {r['kept_fraction']:.3f} of FFN neurons, held-out perplexity {r['ppl']:.3f} "
+            f"vs dense {r['ppl_dense']:.3f}"
+        )
+    print(msg, file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate import evaluate, format_length_table, format_table, length_check
+
+    text = _read_text(args.text)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ("tda", "griffin")]
+    if bad:
+        raise CliError(f"--methods: unknown method(s) {bad}; expected tda, griffin")
+    engine = _load_engine(args)
+    log = (lambda m: print(m, file=sys.stderr)) if sys.stderr else (lambda m: None)
+    result = evaluate(
+        engine,
+        text,
+        densities=_floats(args.densities, "--densities"),
+        budgets=_floats(args.budgets, "--budgets"),
+        methods=methods,
+        window=args.window,
+        prefix=args.prefix,
+        max_windows=args.windows,
+        calibration_fraction=args.calibration_fraction,
+        log=log,
+    )
+    result["model_path"] = args.model
+    print(format_table(result))
+    if args.length_check:
+        lc = length_check(engine, text, calibration_fraction=args.calibration_fraction)
+        result["length_check"] = lc
+        print()
+        print(format_length_table(lc))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    return EXIT_OK
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -300,6 +442,7 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
+        sparsity=args.sparsity,
     )
 
 
@@ -357,6 +500,11 @@ def _print_stats(engine, result, args: argparse.Namespace) -> None:
             ("generated", f"{u.completion_tokens} tokens"),
             ("decode", f"{t.decode_s:.4f} s ({t.decode_tokens_per_s:.1f} tokens/s)"),
             ("finish reason", result.finish_reason),
+            ("sparsity", args.sparsity or "dense"),
+            (
+                "FFN kept",
+                f"{sum(result.ffn_active) / max(1, len(result.ffn_active) * info.get('intermediate_size', 1)):.3f}",
+            ),
         ]
         for key, value in details:
             print(f"  {key + ':':<15}{value}", file=sys.stderr)

@@ -1,41 +1,74 @@
-//! Decode benchmark on a real checkpoint directory: prefill and decode speed per dtype, measured
-//! side by side in one run, with the weight bytes one decode step reads and the bandwidth achieved.
+//! Decode benchmark: dense and sparse (TDA, GRIFFIN) decoding side by side in one run, per dtype,
+//! on a real checkpoint or on a synthetic model with the exact shapes of a named preset.
 //!
-//! cargo run --release -p tda-bench --bin decode -- --model DIR [--prompt-tokens 128]
-//!     [--new-tokens 64] [--repeat 3] [--dtype f32,bf16,f16]
+//! ```text
+//! cargo run --release -p tda-bench --bin decode -- (--preset smollm2-135m [--layers N] | --model PATH)
+//!     [--dtype f32,bf16,f16] [--sparsity dense,tda:0.7,tda:0.5,tda:0.3,griffin:0.5]
+//!     [--prompt-tokens 128] [--new-tokens 64] [--repeat 3]
+//! ```
+//!
+//! For every configuration it reports the kept FFN neurons, the weight bytes one decode step reads
+//! (attention, norms and LM head included), prefill and decode tok/s, the decode speedup over dense
+//! measured in the same run, the ideal speedup `bytes_dense / bytes_sparse`, and their ratio.
+//! Repeats run the configurations round-robin and keep each one's best, so that drift in the
+//! machine's speed hits all of them alike. TDA thresholds come from a quantile calibration on random
+//! token windows of the prompt's length (the weights are random, so there is no text to use).
+//! It also times the prefill with and without collecting the neuron statistics.
 
 use std::path::PathBuf;
-use tda_core::{Engine, GenerateOptions};
+use std::time::Instant;
+use tda_core::load::synthetic::{preset_config, RandomWeights, PRESETS};
+use tda_core::model::{FfnMode, Logits, Model, State};
+use tda_core::sparsity::calibrate::LengthProfile;
+use tda_core::{Engine, Sparsity};
 
 struct Args {
-    model: PathBuf,
+    model: Option<PathBuf>,
+    preset: Option<String>,
+    layers: Option<usize>,
     prompt_tokens: usize,
     new_tokens: usize,
     repeat: usize,
     dtypes: Vec<String>,
+    sparsity: Vec<String>,
 }
 
+const USAGE: &str = "usage: decode (--preset NAME [--layers N] | --model PATH) [--dtype f32,bf16,f16] \
+     [--sparsity dense,tda:0.5,griffin:0.5] [--prompt-tokens N] [--new-tokens N] [--repeat N]";
+
 fn parse_args() -> Result<Args, String> {
-    let mut a =
-        Args { model: PathBuf::new(), prompt_tokens: 128, new_tokens: 64, repeat: 3, dtypes: vec!["f32".into()] };
+    let mut a = Args {
+        model: None,
+        preset: None,
+        layers: None,
+        prompt_tokens: 128,
+        new_tokens: 64,
+        repeat: 3,
+        dtypes: vec!["f32".into()],
+        sparsity: vec!["dense".into()],
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().ok_or(format!("{flag} needs a value"));
+        let num = |v: String, f: &str| v.parse::<usize>().map_err(|e| format!("{f}: {e}"));
         match flag.as_str() {
-            "--model" => a.model = PathBuf::from(val()?),
-            "--prompt-tokens" => a.prompt_tokens = val()?.parse().map_err(|e| format!("--prompt-tokens: {e}"))?,
-            "--new-tokens" => a.new_tokens = val()?.parse().map_err(|e| format!("--new-tokens: {e}"))?,
-            "--repeat" => a.repeat = val()?.parse().map_err(|e| format!("--repeat: {e}"))?,
+            "--model" => a.model = Some(PathBuf::from(val()?)),
+            "--preset" => a.preset = Some(val()?),
+            "--layers" => a.layers = Some(num(val()?, "--layers")?),
+            "--prompt-tokens" => a.prompt_tokens = num(val()?, "--prompt-tokens")?,
+            "--new-tokens" => a.new_tokens = num(val()?, "--new-tokens")?,
+            "--repeat" => a.repeat = num(val()?, "--repeat")?,
             "--dtype" => a.dtypes = val()?.split(',').map(str::to_string).collect(),
+            "--sparsity" => a.sparsity = val()?.split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
-                println!("usage: decode --model DIR [--prompt-tokens N] [--new-tokens N] [--repeat N] [--dtype f32,bf16,f16]");
+                println!("{USAGE}\npresets: {}", PRESETS.join(", "));
                 std::process::exit(0);
             }
-            other => return Err(format!("unknown argument {other}")),
+            other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
     }
-    if a.model.as_os_str().is_empty() {
-        return Err("--model DIR is required".into());
+    if a.model.is_some() == a.preset.is_some() {
+        return Err(format!("give one of --model PATH and --preset NAME\n{USAGE}"));
     }
     if a.prompt_tokens == 0 || a.new_tokens < 2 || a.repeat == 0 {
         return Err("--prompt-tokens and --repeat must be >= 1, --new-tokens >= 2".into());
@@ -45,76 +78,180 @@ fn parse_args() -> Result<Args, String> {
 
 struct Row {
     dtype: String,
+    sparsity: String,
+    kept_fraction: f64,
+    bytes: usize,
     prefill_tok_s: f64,
     decode_tok_s: f64,
-    bytes_per_token: usize,
+}
+
+fn fail(e: impl std::fmt::Display) -> ! {
+    eprintln!("decode: {e}");
+    std::process::exit(2);
+}
+
+/// A deterministic in-vocabulary token sequence.
+fn tokens(n: usize, vocab: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i.wrapping_mul(7919).wrapping_add(seed.wrapping_mul(104_729)) + 13) % vocab as u32).collect()
+}
+
+/// Resolves `tda:D` to thresholds calibrated on random windows; other specs parse as usual.
+fn spec(s: &str, profile: &LengthProfile, layers: usize) -> Sparsity {
+    match Sparsity::parse(s).unwrap_or_else(|e| fail(e)) {
+        Sparsity::TdaDensity(d) => {
+            let mut t = profile.thresholds(&vec![d; layers]);
+            t.meta = serde_json::json!({"name": s});
+            Sparsity::Tda(std::sync::Arc::new(t))
+        }
+        other => other,
+    }
+}
+
+/// Dense prefill (observing when sparse), mask, then `new` decode steps; (prefill s, decode s, kept).
+fn run(model: &Model, st: &mut State, prompt: &[u32], new: usize, sp: &Sparsity) -> (f64, f64, Vec<usize>) {
+    let v = model.cfg.vocab_size;
+    let dense = sp.is_dense();
+    let t0 = Instant::now();
+    st.stats.reset();
+    let mode = if dense { FfnMode::Dense } else { FfnMode::Observe };
+    model.forward(prompt, 0, st, mode, Logits::Last).unwrap_or_else(|e| fail(e));
+    st.mask.select(&sp.selector().unwrap_or_else(|e| fail(e)), &st.stats).unwrap_or_else(|e| fail(e));
+    let prefill = t0.elapsed().as_secs_f64();
+    let argmax = |l: &[f32]| (0..v).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap_or(0) as u32;
+    let mut tok = argmax(&st.logits);
+    let mode = if dense { FfnMode::Dense } else { FfnMode::Sparse };
+    let t1 = Instant::now();
+    for i in 0..new {
+        model.forward(&[tok], prompt.len() + i, st, mode, Logits::Last).unwrap_or_else(|e| fail(e));
+        tok = argmax(&st.logits);
+    }
+    (prefill, t1.elapsed().as_secs_f64(), st.mask.counts())
 }
 
 fn main() {
-    let args = parse_args().unwrap_or_else(|e| {
-        eprintln!("decode: {e}");
-        std::process::exit(2);
-    });
+    let args = parse_args().unwrap_or_else(|e| fail(e));
+    let threads = rayon::current_num_threads();
+    let name = args.model.as_ref().map_or_else(|| args.preset.clone().unwrap_or_default(), |p| p.display().to_string());
     let mut rows = Vec::new();
+    let mut overheads = Vec::new();
     for dtype in &args.dtypes {
-        let engine = Engine::from_pretrained(&args.model, "cpu", dtype).unwrap_or_else(|e| {
-            eprintln!("decode: {e}");
-            std::process::exit(2);
-        });
-        let vocab = engine.config().vocab_size as u32;
-        // A deterministic prompt of in-vocabulary ids.
-        let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| (i * 7919 + 13) % vocab).collect();
-        let opts = GenerateOptions {
-            max_new_tokens: Some(args.new_tokens as i64),
-            temperature: Some(0.0),
-            ignore_eos: true,
-            ..Default::default()
+        let engine;
+        let synthetic;
+        let model: &Model = match (&args.model, &args.preset) {
+            (Some(path), _) => {
+                engine = Engine::from_pretrained(path, "cpu", dtype).unwrap_or_else(|e| fail(e));
+                engine.model()
+            }
+            (None, Some(p)) => {
+                let cfg = preset_config(p, args.layers).unwrap_or_else(|e| fail(e));
+                let dt =
+                    tda_core::engine::parse_dtype(dtype).unwrap_or_else(|e| fail(e)).unwrap_or(candle_core::DType::F32);
+                synthetic = Model::load(cfg, &RandomWeights { seed: 7 }, dt).unwrap_or_else(|e| fail(e));
+                &synthetic
+            }
+            _ => unreachable!(),
         };
-        let (mut best_prefill, mut best_decode) = (0f64, 0f64);
-        for _ in 0..args.repeat {
-            let out = engine.generate(prompt.clone(), &opts).expect("generation failed");
-            best_prefill = best_prefill.max(args.prompt_tokens as f64 / out.timings.prefill_s);
-            best_decode = best_decode.max(out.timings.decode_tokens_per_s());
+        let (vocab, layers) = (model.cfg.vocab_size, model.cfg.num_layers);
+        let p = args.prompt_tokens;
+        let mut st = model.new_state(p, p + args.new_tokens + 1);
+        let windows: Vec<Vec<u32>> = (1..=4).map(|s| tokens(p, vocab, s)).collect();
+        let profile = LengthProfile::collect(model, &mut st, &windows, &[p]).unwrap_or_else(|e| fail(e));
+        let specs: Vec<(String, Sparsity)> =
+            args.sparsity.iter().map(|s| (s.clone(), spec(s, &profile, layers))).collect();
+        let prompt = tokens(p, vocab, 0);
+
+        // Prefill with and without the statistics, back to back in alternating order; the median
+        // of the per-pair ratios is robust to the machine's drift.
+        let (mut plain, mut observed, mut ratios) = (f64::INFINITY, f64::INFINITY, vec![]);
+        for rep in 0..args.repeat.max(7) {
+            let mut t = [0f64; 2];
+            let order = if rep % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                let mode = if i == 0 { FfnMode::Dense } else { FfnMode::Observe };
+                st.stats.reset();
+                let t0 = Instant::now();
+                model.forward(&prompt, 0, &mut st, mode, Logits::Last).unwrap_or_else(|e| fail(e));
+                t[i] = t0.elapsed().as_secs_f64();
+            }
+            plain = plain.min(t[0]);
+            observed = observed.min(t[1]);
+            ratios.push(t[1] / t[0]);
         }
-        rows.push(Row {
-            dtype: dtype.clone(),
-            prefill_tok_s: best_prefill,
-            decode_tok_s: best_decode,
-            bytes_per_token: engine.model().decode_weight_bytes(),
-        });
+        ratios.sort_by(f64::total_cmp);
+        let median = ratios[ratios.len() / 2];
+        overheads.push((dtype.clone(), plain, observed, median, ratios.len()));
+
+        let mut best = vec![(f64::INFINITY, f64::INFINITY, vec![]); specs.len()];
+        for _ in 0..args.repeat {
+            for (i, (_, sp)) in specs.iter().enumerate() {
+                let (pf, dec, kept) = run(model, &mut st, &prompt, args.new_tokens, sp);
+                let b = &mut best[i];
+                b.0 = b.0.min(pf);
+                b.1 = b.1.min(dec);
+                b.2 = kept;
+            }
+        }
+        let n = model.cfg.intermediate_size;
+        for ((label, _), (pf, dec, kept)) in specs.iter().zip(best) {
+            rows.push(Row {
+                dtype: dtype.clone(),
+                sparsity: label.clone(),
+                kept_fraction: kept.iter().sum::<usize>() as f64 / (kept.len() * n) as f64,
+                bytes: model.sparse_decode_weight_bytes(&kept),
+                prefill_tok_s: p as f64 / pf,
+                decode_tok_s: args.new_tokens as f64 / dec,
+            });
+        }
     }
-    let base = rows[0].decode_tok_s;
+
+    println!("model {name}, {threads} threads, prompt {} tokens, {} new tokens", args.prompt_tokens, args.new_tokens);
     println!(
-        "{:<6} {:>14} {:>13} {:>14} {:>10} {:>12}",
-        "dtype", "prefill tok/s", "decode tok/s", "MB read/token", "GB/s", "vs first"
+        "{:<6} {:<12} {:>6} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>7}",
+        "dtype", "sparsity", "kept", "MB/token", "prefill", "decode", "GB/s", "speedup", "ideal", "of ideal"
     );
+    let dense_of = |dtype: &str| rows.iter().find(|r| r.dtype == dtype && r.sparsity == "dense");
+    let mut json_lines = Vec::new();
     for r in &rows {
+        let (speedup, ideal) = match dense_of(&r.dtype) {
+            Some(d) => (r.decode_tok_s / d.decode_tok_s, d.bytes as f64 / r.bytes as f64),
+            None => (f64::NAN, f64::NAN),
+        };
         println!(
-            "{:<6} {:>14.1} {:>13.1} {:>14.2} {:>10.2} {:>11.2}x",
+            "{:<6} {:<12} {:>6.3} {:>9.2} {:>9.1} {:>9.1} {:>8.2} {:>6.2}x {:>6.2}x {:>7.2}",
             r.dtype,
+            r.sparsity,
+            r.kept_fraction,
+            r.bytes as f64 / 1e6,
             r.prefill_tok_s,
             r.decode_tok_s,
-            r.bytes_per_token as f64 / 1e6,
-            r.bytes_per_token as f64 * r.decode_tok_s / 1e9,
-            r.decode_tok_s / base
+            r.bytes as f64 * r.decode_tok_s / 1e9,
+            speedup,
+            ideal,
+            speedup / ideal
         );
+        json_lines.push(serde_json::json!({
+            "bench": "decode", "model": name, "layers_override": args.layers, "dtype": r.dtype,
+            "sparsity": r.sparsity, "threads": threads, "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens, "ffn_kept_fraction": r.kept_fraction,
+            "weight_bytes_per_token": r.bytes, "prefill_tok_s": r.prefill_tok_s, "decode_tok_s": r.decode_tok_s,
+            "achieved_gb_s": r.bytes as f64 * r.decode_tok_s / 1e9, "speedup_vs_dense": speedup,
+            "ideal_speedup": ideal, "fraction_of_ideal": speedup / ideal,
+        }));
     }
-    for r in &rows {
+    println!("\nprefill of {} tokens: plain vs collecting the neuron statistics", args.prompt_tokens);
+    for (dtype, plain, observed, median, pairs) in &overheads {
         println!(
-            "{}",
-            serde_json::json!({
-                "bench": "decode",
-                "model": args.model.display().to_string(),
-                "dtype": r.dtype,
-                "prompt_tokens": args.prompt_tokens,
-                "new_tokens": args.new_tokens,
-                "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-                "prefill_tok_s": r.prefill_tok_s,
-                "decode_tok_s": r.decode_tok_s,
-                "weight_bytes_per_token": r.bytes_per_token,
-                "achieved_gb_s": r.bytes_per_token as f64 * r.decode_tok_s / 1e9,
-                "decode_ratio_vs_first": r.decode_tok_s / base,
-            })
+            "{dtype:<6} best plain {:.1} ms, best observing {:.1} ms; median overhead over {pairs} pairs {:+.1}%",
+            plain * 1e3,
+            observed * 1e3,
+            (median - 1.0) * 100.0
         );
+        json_lines.push(serde_json::json!({
+            "bench": "prefill_stats_overhead", "model": name, "dtype": dtype, "prompt_tokens": args.prompt_tokens,
+            "best_plain_s": plain, "best_observing_s": observed, "median_overhead": median - 1.0, "pairs": pairs,
+        }));
+    }
+    for j in json_lines {
+        println!("{j}");
     }
 }

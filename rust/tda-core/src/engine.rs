@@ -3,13 +3,20 @@
 
 use crate::config::{Arch, ModelConfig};
 use crate::error::{read_text, Error, Result};
+use crate::generate::sampler::log_prob;
 use crate::generate::session::Resolved;
 use crate::generate::{GenerateOptions, Generation, GenerationDefaults, GenerationOutput};
 use crate::load::safetensors::SafetensorsWeights;
 use crate::load::tokenizer::{builtin_chat_template, TextTokenizer};
 use crate::load::{gguf, gguf_tokenizer};
-use crate::model::{Logits, Model, State};
+use crate::model::{FfnMode, Logits, Model, State};
+use crate::sparsity::calibrate::{budget_search, windows, BudgetReport, LengthProfile, DEFAULT_LENGTHS};
+use crate::sparsity::corpus::DEFAULT_CORPUS;
+use crate::sparsity::spec::check_density;
+use crate::sparsity::{NeuronStats, Sparsity, Thresholds};
 use candle_core::DType;
+use serde_json::json;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -23,6 +30,9 @@ pub struct Shared {
     pub eos_token_ids: Vec<u32>,
     pub device: String,
     pool: Mutex<Vec<State>>,
+    /// The calibration of `Sparsity::TdaDensity`, made from the default corpus on first use.
+    default_profile: Mutex<Option<Arc<LengthProfile>>>,
+    density_thresholds: Mutex<HashMap<u64, Arc<Thresholds>>>,
 }
 
 impl Shared {
@@ -178,6 +188,8 @@ impl Engine {
                 eos_token_ids: eos,
                 device,
                 pool: Mutex::new(vec![]),
+                default_profile: Mutex::new(None),
+                density_thresholds: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -241,7 +253,7 @@ impl Engine {
         let v = self.shared.model.cfg.vocab_size;
         let mut st = self.shared.take_state(ids.len(), ids.len());
         let mut out = vec![0f32; ids.len() * v];
-        let r = self.shared.model.forward(ids, 0, &mut st, Logits::All(&mut out));
+        let r = self.shared.model.forward(ids, 0, &mut st, FfnMode::Dense, Logits::All(&mut out));
         self.shared.return_state(st);
         r.map(|_| out)
     }
@@ -250,7 +262,8 @@ impl Engine {
     pub fn start(&self, prompt: Vec<u32>, opts: &GenerateOptions) -> Result<Generation> {
         self.check_ids(&prompt, true)?;
         let cfg = &self.shared.model.cfg;
-        let resolved = Resolved::new(opts, &self.shared.defaults, &self.shared.eos_token_ids, cfg.vocab_size)?;
+        let mut resolved = Resolved::new(opts, &self.shared.defaults, &self.shared.eos_token_ids, cfg.vocab_size)?;
+        resolved.sparsity = self.resolve(&opts.sparsity)?;
         Generation::new(self.shared.clone(), prompt, resolved)
     }
 
@@ -262,6 +275,341 @@ impl Engine {
     pub fn chat_prompt(&self, messages: &serde_json::Value, add_generation_prompt: bool) -> Result<Vec<u32>> {
         let text = self.shared.tokenizer.apply_chat_template(messages, add_generation_prompt)?;
         self.tokenize(&text, false)
+    }
+}
+
+/// Per layer, every neuron's score over a prompt.
+pub struct NeuronScores {
+    pub tda: Vec<Vec<f32>>,
+    pub griffin: Vec<Vec<f32>>,
+}
+
+/// Rows per forward pass when scoring a continuation (bounds the logits buffer).
+const SCORE_CHUNK: usize = 64;
+
+/// Calibration windows: of the default corpus for `tda:DENSITY`, and at most this many.
+const CALIBRATION_WINDOWS: usize = 8;
+/// Prompt lengths up to this get `SHORT_SAMPLES` extra calibration windows each.
+const SHORT_PROMPT: usize = 64;
+const SHORT_SAMPLES: usize = 24;
+/// Validation windows of quality-budget calibration: `VALIDATION_LEN` tokens, half of them dense.
+const VALIDATION_WINDOWS: usize = 4;
+const VALIDATION_LEN: usize = 512;
+
+/// What calibration aims for.
+#[derive(Debug, Clone, Copy)]
+pub enum CalibrationTarget {
+    /// The same fraction of neurons in every layer.
+    Density(f64),
+    /// Per-layer thresholds keeping the fewest FFN weights with held-out perplexity at most
+    /// `(1 + x)` times dense.
+    MaxPplIncrease(f64),
+}
+
+#[derive(Debug, Clone)]
+pub struct CalibrationOptions {
+    /// Prompt lengths at which thresholds are calibrated; one length gives length-independent
+    /// thresholds (plain quantile calibration).
+    pub lengths: Vec<usize>,
+    pub max_windows: usize,
+}
+
+impl Default for CalibrationOptions {
+    fn default() -> Self {
+        Self { lengths: DEFAULT_LENGTHS.to_vec(), max_windows: CALIBRATION_WINDOWS }
+    }
+}
+
+/// A scored sequence whose dense prefix has run: its run state holds the prefix's keys and values
+/// and FFN statistics, so that the continuation can be scored under several sparsity specs.
+pub struct Prefixed {
+    shared: Arc<Shared>,
+    st: Option<State>,
+    ids: Vec<u32>,
+    prefix_len: usize,
+    first_lp: f32,
+}
+
+impl Prefixed {
+    pub fn stats(&self) -> &NeuronStats {
+        &self.st.as_ref().expect("held until drop").stats
+    }
+}
+
+impl Drop for Prefixed {
+    fn drop(&mut self) {
+        if let Some(st) = self.st.take() {
+            self.shared.return_state(st);
+        }
+    }
+}
+
+impl Engine {
+    /// Turns `TdaDensity` into thresholds and checks every spec against the model.
+    pub fn resolve(&self, s: &Sparsity) -> Result<Sparsity> {
+        let layers = self.config().num_layers;
+        match s {
+            Sparsity::Dense => Ok(Sparsity::Dense),
+            Sparsity::Griffin { density } => {
+                check_density(*density)?;
+                Ok(s.clone())
+            }
+            Sparsity::Tda(t) => {
+                t.validate(layers)?;
+                Ok(s.clone())
+            }
+            Sparsity::TdaDensity(d) => Ok(Sparsity::Tda(self.density_thresholds(*d)?)),
+        }
+    }
+
+    /// Thresholds for `density` from the engine's calibration on the default corpus (made once).
+    pub fn density_thresholds(&self, density: f64) -> Result<Arc<Thresholds>> {
+        check_density(density)?;
+        if let Some(t) =
+            self.shared.density_thresholds.lock().unwrap_or_else(|p| p.into_inner()).get(&density.to_bits())
+        {
+            return Ok(t.clone());
+        }
+        let profile = self.default_profile()?;
+        let mut t = profile.thresholds(&vec![density; self.config().num_layers]);
+        t.meta = json!({"method": "tda", "calibration": "density", "density": density, "text": "default corpus",
+                        "windows": profile.windows});
+        let t = Arc::new(t);
+        self.shared.density_thresholds.lock().unwrap_or_else(|p| p.into_inner()).insert(density.to_bits(), t.clone());
+        Ok(t)
+    }
+
+    fn default_profile(&self) -> Result<Arc<LengthProfile>> {
+        let mut guard = self.shared.default_profile.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = guard.as_ref() {
+            return Ok(p.clone());
+        }
+        let tokens = self.tokenize(DEFAULT_CORPUS, false)?;
+        let p = Arc::new(self.profile(&tokens, &CalibrationOptions::default())?);
+        *guard = Some(p.clone());
+        Ok(p)
+    }
+
+    /// The ids a tokenizer puts in front of a text (BOS), which calibration windows start with.
+    pub fn bos_prefix(&self) -> Result<Vec<u32>> {
+        let with = self.tokenize("Hello", true)?;
+        let without = self.tokenize("Hello", false)?;
+        let pos = (0..=with.len().saturating_sub(without.len())).find(|&i| with[i..].starts_with(&without));
+        Ok(with[..pos.unwrap_or(0)].to_vec())
+    }
+
+    /// Longest calibration window the model's context allows.
+    fn window_len(&self, want: usize) -> usize {
+        want.min(self.config().max_position_embeddings.saturating_sub(1)).max(1)
+    }
+
+    fn profile(&self, tokens: &[u32], opts: &CalibrationOptions) -> Result<LengthProfile> {
+        let mut lengths = opts.lengths.clone();
+        lengths.sort_unstable();
+        lengths.dedup();
+        if lengths.is_empty() || lengths[0] == 0 {
+            return Err(Error::arg(format!("calibration lengths must be >= 1, got {:?}", opts.lengths)));
+        }
+        let len = self.window_len(*lengths.last().expect("checked non-empty"));
+        let bos = self.bos_prefix()?;
+        let mut wins = windows(tokens, &bos, len, opts.max_windows.max(1));
+        // Short prompts' scores vary most from prompt to prompt, and short windows are cheap:
+        // sample more of them, from positions spread over the text.
+        for &l in lengths.iter().filter(|&&l| l <= SHORT_PROMPT && l < len) {
+            let body = l.saturating_sub(bos.len()).max(1);
+            let stride = (tokens.len().saturating_sub(body) / SHORT_SAMPLES).max(1);
+            wins.extend(
+                (0..SHORT_SAMPLES)
+                    .map(|k| k * stride)
+                    .filter(|&s| s + body <= tokens.len())
+                    .map(|s| bos.iter().chain(&tokens[s..s + body]).copied().collect::<Vec<u32>>()),
+            );
+        }
+        let mut st = self.shared.take_state(len, len);
+        let r = LengthProfile::collect(&self.shared.model, &mut st, &wins, &lengths);
+        self.shared.return_state(st);
+        r
+    }
+
+    /// Calibrates TDA thresholds on `texts` (the default corpus when empty).
+    pub fn calibrate(
+        &self,
+        texts: &[String],
+        target: CalibrationTarget,
+        opts: &CalibrationOptions,
+    ) -> Result<(Thresholds, Option<BudgetReport>)> {
+        let text = if texts.is_empty() { DEFAULT_CORPUS.to_string() } else { texts.join("\n\n") };
+        let tokens = self.tokenize(&text, false)?;
+        let source = if texts.is_empty() { "default corpus".to_string() } else { format!("{} text(s)", texts.len()) };
+        match target {
+            CalibrationTarget::Density(d) => {
+                let t = self.calibrate_densities(texts, &[d], opts)?.pop();
+                Ok((t.ok_or_else(|| Error::Internal("no thresholds".into()))?, None))
+            }
+            CalibrationTarget::MaxPplIncrease(b) => {
+                if !(b > 0.0 && b.is_finite()) {
+                    return Err(Error::arg(format!("max_ppl_increase must be > 0, got {b}")));
+                }
+                // Held-out validation windows from the end of the text, the profile from the rest.
+                let vlen = self.window_len(VALIDATION_LEN);
+                let bos = self.bos_prefix()?;
+                let body = vlen - bos.len().min(vlen - 1);
+                let longest = *opts.lengths.iter().max().unwrap_or(&DEFAULT_LENGTHS[5]);
+                let nval = (tokens.len().saturating_sub(longest) / body).clamp(1, VALIDATION_WINDOWS);
+                let split = tokens.len().saturating_sub(nval * body);
+                let val = windows(&tokens[split..], &bos, vlen, nval);
+                if val.is_empty() || split < DEFAULT_LENGTHS[0] {
+                    return Err(Error::arg(format!(
+                        "calibration text is too short for max_ppl_increase: {} tokens, need at least {}",
+                        tokens.len(),
+                        vlen + longest
+                    )));
+                }
+                let profile = self.profile(&tokens[..split], opts)?;
+                let (mut t, report) = budget_search(self, &profile, &val, vlen / 2, b)?;
+                if let Some(m) = t.meta.as_object_mut() {
+                    m.insert("text".into(), json!(source));
+                    m.insert("text_tokens".into(), json!(tokens.len()));
+                    m.insert("windows".into(), json!(profile.windows));
+                }
+                Ok((t, Some(report)))
+            }
+        }
+    }
+
+    /// Density calibration for several densities from one pass over the text.
+    pub fn calibrate_densities(
+        &self,
+        texts: &[String],
+        densities: &[f64],
+        opts: &CalibrationOptions,
+    ) -> Result<Vec<Thresholds>> {
+        densities.iter().try_for_each(|&d| check_density(d))?;
+        let text = if texts.is_empty() { DEFAULT_CORPUS.to_string() } else { texts.join("\n\n") };
+        let tokens = self.tokenize(&text, false)?;
+        let profile = self.profile(&tokens, opts)?;
+        let source = if texts.is_empty() { "default corpus".to_string() } else { format!("{} text(s)", texts.len()) };
+        Ok(densities
+            .iter()
+            .map(|&d| {
+                let mut t = profile.thresholds(&vec![d; self.config().num_layers]);
+                t.meta = json!({"method": "tda", "calibration": "density", "density": d, "text": source,
+                                "text_tokens": tokens.len(), "windows": profile.windows});
+                t
+            })
+            .collect())
+    }
+
+    /// Runs `ids[..prefix_len]` densely (observing the FFN activations) for scoring the rest.
+    pub fn prefill_scored(&self, ids: &[u32], prefix_len: usize) -> Result<Prefixed> {
+        self.check_ids(ids, true)?;
+        if prefix_len == 0 || prefix_len >= ids.len() {
+            return Err(Error::arg(format!(
+                "prefix_len must be in [1, len(ids) - 1] = [1, {}], got {prefix_len}",
+                ids.len().saturating_sub(1)
+            )));
+        }
+        let rows = prefix_len.max(SCORE_CHUNK.min(ids.len() - prefix_len));
+        let mut st = self.shared.take_state(rows, ids.len());
+        st.stats.reset();
+        let r = self.shared.model.forward(&ids[..prefix_len], 0, &mut st, FfnMode::Observe, Logits::Last);
+        let first_lp = log_prob(&st.logits, ids[prefix_len]);
+        let p = Prefixed { shared: self.shared.clone(), st: Some(st), ids: ids.to_vec(), prefix_len, first_lp };
+        r.map(|_| p)
+    }
+
+    /// Log-probabilities of `ids[prefix_len..]` with the continuation run under `spec`'s mask
+    /// (the first comes from the dense prefix), and the kept neurons per layer.
+    pub fn score_prefixed(&self, p: &mut Prefixed, spec: &Sparsity) -> Result<(Vec<f32>, Vec<usize>)> {
+        let spec = self.resolve(spec)?;
+        let st = p.st.as_mut().expect("held until drop");
+        st.mask.select(&spec.selector()?, &st.stats)?;
+        let counts = st.mask.counts();
+        let mode = if spec.is_dense() { FfnMode::Dense } else { FfnMode::Sparse };
+        let lp = self.run_continuation(p, mode)?;
+        Ok((lp, counts))
+    }
+
+    /// Dense scoring of the continuation that also returns its FFN activation statistics.
+    pub fn score_dense_energy(&self, p: &mut Prefixed) -> Result<(Vec<f32>, NeuronStats)> {
+        let st = p.st.as_mut().expect("held until drop");
+        let prefix_stats = st.stats.clone();
+        st.stats.reset();
+        let lp = self.run_continuation(p, FfnMode::Observe);
+        let st = p.st.as_mut().expect("held until drop");
+        let energy = st.stats.clone();
+        st.stats.copy_from(&prefix_stats);
+        Ok((lp?, energy))
+    }
+
+    fn run_continuation(&self, p: &mut Prefixed, mode: FfnMode) -> Result<Vec<f32>> {
+        let model = &self.shared.model;
+        let v = model.cfg.vocab_size;
+        let st = p.st.as_mut().expect("held until drop");
+        let (ids, start) = (&p.ids, p.prefix_len);
+        let mut lp = Vec::with_capacity(ids.len() - start);
+        lp.push(p.first_lp);
+        let inputs = &ids[start..ids.len() - 1];
+        let mut logits = vec![0f32; SCORE_CHUNK.min(inputs.len()) * v];
+        for (c, chunk) in inputs.chunks(SCORE_CHUNK).enumerate() {
+            let pos = start + c * SCORE_CHUNK;
+            let out = &mut logits[..chunk.len() * v];
+            model.forward(chunk, pos, st, mode, Logits::All(out))?;
+            for (i, row) in out.chunks_exact(v).enumerate() {
+                lp.push(log_prob(row, ids[pos + i + 1]));
+            }
+        }
+        Ok(lp)
+    }
+
+    /// Log-probabilities of `ids[prefix_len..]` under each spec; `ids[..prefix_len]` run densely
+    /// once and choose the masks. Returns, per spec, the log-probs and the kept neurons per layer.
+    pub fn score(&self, ids: &[u32], prefix_len: usize, specs: &[Sparsity]) -> Result<Vec<(Vec<f32>, Vec<usize>)>> {
+        let specs = specs.iter().map(|s| self.resolve(s)).collect::<Result<Vec<_>>>()?;
+        let mut p = self.prefill_scored(ids, prefix_len)?;
+        specs.iter().map(|s| self.score_prefixed(&mut p, s)).collect()
+    }
+
+    /// The TDA and GRIFFIN scores of every layer's neurons over a prompt.
+    pub fn neuron_scores(&self, ids: &[u32]) -> Result<NeuronScores> {
+        let st = self.observe_prompt(ids)?;
+        let layers = self.config().num_layers;
+        let (mut tda, mut griffin) = (Vec::with_capacity(layers), Vec::with_capacity(layers));
+        for l in 0..layers {
+            let (mut a, mut b) = (vec![], vec![]);
+            st.stats.tda_scores(l, &mut a);
+            st.stats.griffin_scores(l, &mut b);
+            tda.push(a);
+            griffin.push(b);
+        }
+        self.shared.return_state(st);
+        Ok(NeuronScores { tda, griffin })
+    }
+
+    /// The neurons each layer keeps for a prompt under `spec`, ascending.
+    pub fn select_neurons(&self, ids: &[u32], spec: &Sparsity) -> Result<Vec<Vec<u32>>> {
+        let spec = self.resolve(spec)?;
+        let mut st = self.observe_prompt(ids)?;
+        let r = st.mask.select(&spec.selector()?, &st.stats);
+        let n = self.config().intermediate_size as u32;
+        let kept = (0..self.config().num_layers)
+            .map(|l| st.mask.kept(l).map_or_else(|| (0..n).collect(), <[u32]>::to_vec))
+            .collect();
+        self.shared.return_state(st);
+        r.map(|_| kept)
+    }
+
+    fn observe_prompt(&self, ids: &[u32]) -> Result<State> {
+        self.check_ids(ids, true)?;
+        let mut st = self.shared.take_state(ids.len(), ids.len());
+        st.stats.reset();
+        match self.shared.model.forward(ids, 0, &mut st, FfnMode::Observe, Logits::None) {
+            Ok(()) => Ok(st),
+            Err(e) => {
+                self.shared.return_state(st);
+                Err(e)
+            }
+        }
     }
 }
 

@@ -9,7 +9,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use tda_core::engine::dtype_name;
-use tda_core::{Error, GenerateOptions, Generation, GenerationOutput};
+use tda_core::engine::{CalibrationOptions, CalibrationTarget};
+use tda_core::{Error, GenerateOptions, Generation, GenerationOutput, Sparsity, Thresholds};
 
 /// The one place core errors become Python exceptions.
 fn to_py(e: Error) -> PyErr {
@@ -65,6 +66,37 @@ struct PyOptions {
     stop_token_ids: Option<Vec<i64>>,
     ignore_eos: bool,
     logprobs: bool,
+    sparsity: PySparsity,
+}
+
+/// A sparsity spec as `tda_engine.Sparsity._native()` builds it: `(method, density, thresholds_json)`
+/// with method "dense", "griffin", "tda_density" or "tda".
+type PySparsity = (String, Option<f64>, Option<String>);
+
+fn sparsity_from(s: PySparsity) -> PyResult<Sparsity> {
+    let (method, density, json) = s;
+    let need = |d: Option<f64>| d.ok_or_else(|| PyValueError::new_err(format!("sparsity '{method}' needs a density")));
+    Ok(match method.as_str() {
+        "dense" => Sparsity::Dense,
+        "griffin" => Sparsity::Griffin { density: need(density)? },
+        "tda_density" => Sparsity::TdaDensity(need(density)?),
+        "tda" => {
+            let text = json.ok_or_else(|| PyValueError::new_err("sparsity 'tda' needs thresholds"))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| PyValueError::new_err(format!("thresholds: {e}")))?;
+            Sparsity::Tda(std::sync::Arc::new(Thresholds::from_json(&v, "thresholds").map_err(to_py)?))
+        }
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown sparsity method '{other}'; expected 'dense', 'tda' or 'griffin'"
+            )))
+        }
+    })
+}
+
+fn calibration_options(lengths: Option<Vec<usize>>, max_windows: Option<usize>) -> CalibrationOptions {
+    let d = CalibrationOptions::default();
+    CalibrationOptions { lengths: lengths.unwrap_or(d.lengths), max_windows: max_windows.unwrap_or(d.max_windows) }
 }
 
 impl PyOptions {
@@ -85,6 +117,7 @@ impl PyOptions {
             stop_token_ids: to_ids(self.stop_token_ids.unwrap_or_default(), "stop_token_ids")?,
             ignore_eos: self.ignore_eos,
             logprobs: self.logprobs,
+            sparsity: sparsity_from(self.sparsity)?,
         })
     }
 }
@@ -100,6 +133,7 @@ fn output_dict<'py>(py: Python<'py>, o: GenerationOutput) -> PyResult<Bound<'py,
     d.set_item("decode_s", o.timings.decode_s)?;
     d.set_item("decode_tokens_per_s", o.timings.decode_tokens_per_s())?;
     d.set_item("logprobs", o.logprobs)?;
+    d.set_item("ffn_active", o.ffn_active)?;
     Ok(d)
 }
 
@@ -128,6 +162,8 @@ impl Engine {
         d.set_item("max_position_embeddings", c.max_position_embeddings)?;
         d.set_item("dtype", dtype_name(self.inner.dtype()))?;
         d.set_item("device", self.inner.device())?;
+        d.set_item("decode_weight_bytes", self.inner.model().decode_weight_bytes())?;
+        d.set_item("ffn_weight_bytes", self.inner.model().ffn_weight_bytes())?;
         Ok(d)
     }
 
@@ -191,6 +227,101 @@ impl Engine {
         let v = self.inner.config().vocab_size;
         let logits = compute(py, || self.inner.forward(&ids))?;
         Ok(PyArray1::from_vec(py, logits).reshape([n, v])?.into_any())
+    }
+
+    /// Log-probs of `ids[prefix_len:]` under each spec: a list of (float32 array, kept counts).
+    fn score<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Vec<i64>,
+        prefix_len: usize,
+        specs: Vec<PySparsity>,
+    ) -> PyResult<Vec<(Bound<'py, PyAny>, Vec<usize>)>> {
+        let ids = to_ids(ids, "ids")?;
+        let specs = specs.into_iter().map(sparsity_from).collect::<PyResult<Vec<_>>>()?;
+        let out = compute(py, || self.inner.score(&ids, prefix_len, &specs))?;
+        Ok(out.into_iter().map(|(lp, k)| (PyArray1::from_vec(py, lp).into_any(), k)).collect())
+    }
+
+    /// `{"tda": [...], "griffin": [...]}`: per layer, every neuron's scores over the prompt.
+    fn neuron_scores<'py>(&self, py: Python<'py>, ids: Vec<i64>) -> PyResult<Bound<'py, PyDict>> {
+        let ids = to_ids(ids, "ids")?;
+        let s = compute(py, || self.inner.neuron_scores(&ids))?;
+        let arr = |v: Vec<Vec<f32>>| -> Vec<Bound<'py, PyAny>> {
+            v.into_iter().map(|x| PyArray1::from_vec(py, x).into_any()).collect()
+        };
+        let d = PyDict::new(py);
+        d.set_item("tda", arr(s.tda))?;
+        d.set_item("griffin", arr(s.griffin))?;
+        Ok(d)
+    }
+
+    /// Per layer, the ascending indices of the neurons kept for this prompt.
+    fn select_neurons<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Vec<i64>,
+        spec: PySparsity,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let ids = to_ids(ids, "ids")?;
+        let spec = sparsity_from(spec)?;
+        let kept = compute(py, || self.inner.select_neurons(&ids, &spec))?;
+        Ok(kept.into_iter().map(|k| PyArray1::from_vec(py, k).into_any()).collect())
+    }
+
+    /// Calibrates TDA thresholds; returns (thresholds JSON, report dict or None).
+    #[pyo3(signature = (texts, density = None, max_ppl_increase = None, lengths = None, max_windows = None))]
+    fn calibrate<'py>(
+        &self,
+        py: Python<'py>,
+        texts: Vec<String>,
+        density: Option<f64>,
+        max_ppl_increase: Option<f64>,
+        lengths: Option<Vec<usize>>,
+        max_windows: Option<usize>,
+    ) -> PyResult<(String, Option<Bound<'py, PyDict>>)> {
+        let target = match (density, max_ppl_increase) {
+            (Some(d), None) => CalibrationTarget::Density(d),
+            (None, Some(b)) => CalibrationTarget::MaxPplIncrease(b),
+            _ => return Err(PyValueError::new_err("give exactly one of density= and max_ppl_increase=")),
+        };
+        let opts = calibration_options(lengths, max_windows);
+        let (th, report) = compute(py, || self.inner.calibrate(&texts, target, &opts))?;
+        let report = report
+            .map(|r| -> PyResult<Bound<'py, PyDict>> {
+                let d = PyDict::new(py);
+                d.set_item("max_ppl_increase", r.max_ppl_increase)?;
+                d.set_item("layer_densities", r.layer_densities)?;
+                d.set_item("ppl_dense", r.ppl_dense)?;
+                d.set_item("ppl", r.ppl)?;
+                d.set_item("kept_fraction", r.kept_fraction)?;
+                d.set_item("evaluations", r.evaluations)?;
+                d.set_item("validation_tokens", r.validation_tokens)?;
+                Ok(d)
+            })
+            .transpose()?;
+        Ok((th.to_json().to_string(), report))
+    }
+
+    /// Density calibration for several densities in one pass; a list of thresholds JSON.
+    #[pyo3(signature = (texts, densities, lengths = None, max_windows = None))]
+    fn calibrate_densities(
+        &self,
+        py: Python<'_>,
+        texts: Vec<String>,
+        densities: Vec<f64>,
+        lengths: Option<Vec<usize>>,
+        max_windows: Option<usize>,
+    ) -> PyResult<Vec<String>> {
+        let opts = calibration_options(lengths, max_windows);
+        let th = compute(py, || self.inner.calibrate_densities(&texts, &densities, &opts))?;
+        Ok(th.into_iter().map(|t| t.to_json().to_string()).collect())
+    }
+
+    /// The engine's own thresholds for a density (calibrated once on the default corpus), as JSON.
+    fn density_thresholds(&self, py: Python<'_>, density: f64) -> PyResult<String> {
+        let th = compute(py, || self.inner.density_thresholds(density))?;
+        Ok(th.to_json().to_string())
     }
 
     /// Generates from token ids with an options dict; returns a result dict.

@@ -6,7 +6,8 @@ use super::sampler::{log_prob, Sampler, SamplingParams};
 use super::stop::StopStrings;
 use crate::engine::Shared;
 use crate::error::{parse_json, read_text, Error, Result};
-use crate::model::{Logits, State};
+use crate::model::{FfnMode, Logits, State};
+use crate::sparsity::Sparsity;
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
@@ -26,6 +27,8 @@ pub struct GenerateOptions {
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
     pub logprobs: bool,
+    /// Which FFN neurons decoding computes, chosen from the prompt (dense by default).
+    pub sparsity: Sparsity,
 }
 
 /// Defaults from `generation_config.json`, as HF's `generate()` would apply them.
@@ -86,6 +89,8 @@ pub(crate) struct Resolved {
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub logprobs: bool,
+    /// Resolved by the engine (`TdaDensity` replaced by thresholds).
+    pub sparsity: Sparsity,
 }
 
 impl Resolved {
@@ -119,7 +124,15 @@ impl Resolved {
         if !o.ignore_eos {
             stop_token_ids.extend_from_slice(eos);
         }
-        Ok(Self { max_new_tokens, sampling, seed: o.seed, stop: o.stop.clone(), stop_token_ids, logprobs: o.logprobs })
+        Ok(Self {
+            max_new_tokens,
+            sampling,
+            seed: o.seed,
+            stop: o.stop.clone(),
+            stop_token_ids,
+            logprobs: o.logprobs,
+            sparsity: Sparsity::Dense,
+        })
     }
 
     fn check(s: &SamplingParams) -> Result<()> {
@@ -181,6 +194,8 @@ pub struct GenerationOutput {
     pub prompt_tokens: usize,
     pub logprobs: Option<Vec<f32>>,
     pub timings: Timings,
+    /// Neurons each FFN layer computed while decoding (`intermediate_size` when dense).
+    pub ffn_active: Vec<usize>,
 }
 
 /// One generation in progress. Holds a run state from the engine's pool and gives it back on drop.
@@ -201,6 +216,7 @@ pub struct Generation {
     finish: Option<FinishReason>,
     flushed: bool,
     timings: Timings,
+    ffn_active: Vec<usize>,
 }
 
 impl Generation {
@@ -226,6 +242,7 @@ impl Generation {
             finish,
             flushed: false,
             timings: Timings::default(),
+            ffn_active: vec![shared.model.cfg.intermediate_size; shared.model.cfg.num_layers],
             opts,
             shared,
         })
@@ -270,6 +287,7 @@ impl Generation {
             prompt_tokens: self.prompt.len(),
             logprobs: self.opts.logprobs.then(|| std::mem::take(&mut self.logprobs)),
             timings: self.timings.clone(),
+            ffn_active: std::mem::take(&mut self.ffn_active),
         }
     }
 
@@ -278,13 +296,20 @@ impl Generation {
         let st = self.state.as_mut().expect("state is held until drop");
         let model = &self.shared.model;
         let t0 = Instant::now();
+        let dense = self.opts.sparsity.is_dense();
         match self.tokens.last() {
             None => {
-                model.forward(&self.prompt, 0, st, Logits::Last)?;
+                // Dense prefill; the FFNs observe the prompt and the mask is chosen from it.
+                st.stats.reset();
+                let mode = if dense { FfnMode::Dense } else { FfnMode::Observe };
+                model.forward(&self.prompt, 0, st, mode, Logits::Last)?;
+                st.mask.select(&self.opts.sparsity.selector()?, &st.stats)?;
+                self.ffn_active = st.mask.counts();
             }
             Some(&last) => {
                 let pos = self.prompt.len() + self.tokens.len() - 1;
-                model.forward(&[last], pos, st, Logits::Last)?;
+                let mode = if dense { FfnMode::Dense } else { FfnMode::Sparse };
+                model.forward(&[last], pos, st, mode, Logits::Last)?;
             }
         }
         let t = self.sampler.sample(&st.logits);

@@ -6,6 +6,7 @@
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod safetensors;
+pub mod synthetic;
 pub mod tokenizer;
 
 use crate::error::Result;

@@ -9,7 +9,7 @@
 //! ```
 
 use super::attention::{Attention, AttnBuffers};
-use super::ffn::Ffn;
+use super::ffn::{Ffn, FfnBuffers, FfnMode};
 use super::norm::RmsNorm;
 use super::state::State;
 use crate::config::{Arch, ModelConfig};
@@ -40,6 +40,8 @@ pub struct Model {
 
 /// Which logits a forward pass produces.
 pub enum Logits<'a> {
+    /// None (the hidden states are all that is wanted, e.g. collecting statistics).
+    None,
     /// Only the last token's, into `State::logits`.
     Last,
     /// Every token's, `rows x vocab`.
@@ -98,13 +100,42 @@ impl Model {
                     + lin(&a.k_proj)
                     + lin(&a.v_proj)
                     + lin(&a.o_proj)
-                    + lin(&l.ffn.gate)
-                    + lin(&l.ffn.up)
-                    + lin(&l.ffn.down)
+                    + l.ffn.neurons() * l.ffn.bytes_per_neuron()
             })
             .sum();
         let norms = (self.layers.len() * 4 + 1) * self.cfg.hidden_size * 4;
         per_layer + lin(&self.lm_head) + norms
+    }
+
+    /// Bytes of weights one decode step reads when the FFN keeps `kept[l]` neurons of layer `l`.
+    pub fn sparse_decode_weight_bytes(&self, kept: &[usize]) -> usize {
+        let skipped: usize =
+            self.layers.iter().zip(kept).map(|(l, &k)| (l.ffn.neurons() - k) * l.ffn.bytes_per_neuron()).sum();
+        self.decode_weight_bytes() - skipped
+    }
+
+    /// Bytes of all FFN weights.
+    pub fn ffn_weight_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.ffn.neurons() * l.ffn.bytes_per_neuron()).sum()
+    }
+
+    /// `||Wd[:, j]||^2` for every neuron `j` of every layer (one pass over the down projections).
+    pub fn down_row_norms(&self) -> Result<Vec<Vec<f64>>> {
+        let d = self.cfg.hidden_size;
+        let mut row = vec![0f32; d];
+        self.layers
+            .iter()
+            .map(|l| {
+                with_weights(&l.ffn.down_t, |w| {
+                    (0..l.ffn.neurons())
+                        .map(|j| {
+                            row_to_f32(w, j, d, &mut row);
+                            row.iter().map(|&v| v as f64 * v as f64).sum()
+                        })
+                        .collect()
+                })
+            })
+            .collect()
     }
 
     pub fn new_state(&self, rows: usize, capacity: usize) -> State {
@@ -112,9 +143,17 @@ impl Model {
     }
 
     /// Runs `tokens` at positions `start..start + tokens.len()` through the model, appending their
-    /// keys and values to the state's cache. Token ids must be `< vocab_size` and the positions must
+    /// keys and values to the state's cache. `mode` says what the FFNs do besides their output:
+    /// observe the prompt's activations, or compute only the neurons of the state's mask. Token ids must be `< vocab_size` and the positions must
     /// fit the state (checked by the caller; violations return an internal error, never panic).
-    pub fn forward(&self, tokens: &[u32], start: usize, st: &mut State, logits: Logits<'_>) -> Result<()> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        start: usize,
+        st: &mut State,
+        mode: FfnMode,
+        logits: Logits<'_>,
+    ) -> Result<()> {
         let n = tokens.len();
         let d = self.cfg.hidden_size;
         if n == 0 || n > st.rows() || start + n > st.capacity() {
@@ -150,7 +189,8 @@ impl Model {
 
             // FFN sub-block.
             layer.ffn_norm.forward(&st.x[..n * d], &mut st.xb[..n * d]);
-            layer.ffn.forward(&st.xb, n, &mut st.ffn_a, &mut st.ffn_u, &mut st.out)?;
+            let bufs = FfnBuffers { a: &mut st.ffn_a, u: &mut st.ffn_u, partials: &mut st.ffn_partials };
+            layer.ffn.forward(&st.xb, n, li, mode, bufs, &mut st.stats, &st.mask, &mut st.out)?;
             if let Some(pn) = &layer.post_ffn_norm {
                 pn.forward_inplace(&mut st.out[..n * d]);
             }
@@ -158,6 +198,7 @@ impl Model {
         }
 
         match logits {
+            Logits::None => {}
             Logits::Last => {
                 self.final_norm.forward(&st.x[(n - 1) * d..n * d], &mut st.xb[..d]);
                 self.lm_head.forward(&st.xb[..d], 1, &mut st.logits)?;

@@ -1,44 +1,128 @@
-//! The gated feed-forward block, `y = (act(x Wg^T) * (x Wu^T)) Wd^T`.
+//! The gated feed-forward block, `y = (act(x Wg^T) * (x Wu^T)) Wd^T`, and its sparse variant.
 //!
-//! This is the one place a sparse variant plugs in: it sees the intermediate activation
-//! `act(x Wg^T) * (x Wu^T)` of every token and decides which neurons decode computes.
+//! `A = act(x Wg^T) * (x Wu^T)` is the intermediate activation. The down projection is stored
+//! transposed (`Wd^T`, `n x d`), so neuron `j` owns row `j` of `Wg`, `Wu` and `Wd^T`:
+//!
+//! - many rows (prefill, scoring): GEMMs; [`FfnMode::Observe`] adds `A` to the prompt statistics,
+//!   [`FfnMode::Sparse`] zeroes the skipped neurons' columns of `A`;
+//! - one row (decode): [`ffn_decode`] reads the three rows of each kept neuron and nothing else.
 
-use super::linear::Linear;
+use super::linear::{matmul, Linear};
 use crate::config::{Activation, ModelConfig};
 use crate::error::Result;
+use crate::kernels::cpu::{ffn_decode, with_weights, FfnWeights};
 use crate::load::WeightSource;
-use candle_core::DType;
+use crate::sparsity::{NeuronMask, NeuronStats};
+use candle_core::{DType, Tensor};
+
+/// What the FFN does besides computing its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FfnMode {
+    /// Every neuron.
+    Dense,
+    /// Every neuron, adding the activations to the state's [`NeuronStats`] (the prompt).
+    Observe,
+    /// Only the neurons the state's [`NeuronMask`] keeps.
+    Sparse,
+}
 
 pub struct Ffn {
     pub gate: Linear,
     pub up: Linear,
-    pub down: Linear,
+    /// `Wd^T`, `(intermediate, hidden)`.
+    pub down_t: Tensor,
+    pub down_bias: Option<Vec<f32>>,
     pub act: Activation,
+}
+
+/// Scratch the FFN needs, borrowed from the run state.
+pub struct FfnBuffers<'a> {
+    /// `rows x intermediate`: the activation `A` afterwards.
+    pub a: &'a mut [f32],
+    pub u: &'a mut [f32],
+    /// Partial sums of the decode kernel.
+    pub partials: &'a mut [f32],
 }
 
 impl Ffn {
     pub fn load(src: &dyn WeightSource, p: &str, cfg: &ModelConfig, dtype: DType) -> Result<Self> {
         let (d, n, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        let down = Linear::load(src, &format!("{p}.down_proj"), n, d, b, dtype)?;
         Ok(Self {
             gate: Linear::load(src, &format!("{p}.gate_proj"), d, n, b, dtype)?,
             up: Linear::load(src, &format!("{p}.up_proj"), d, n, b, dtype)?,
-            down: Linear::load(src, &format!("{p}.down_proj"), n, d, b, dtype)?,
+            down_t: down.weight.t()?.contiguous()?,
+            down_bias: down.bias,
             act: cfg.act,
         })
     }
 
-    /// `rows` tokens of `x` -> `out`; `a` and `u` are `rows x intermediate` scratch, and `a` holds the
-    /// intermediate activation afterwards.
-    pub fn forward(&self, x: &[f32], rows: usize, a: &mut [f32], u: &mut [f32], out: &mut [f32]) -> Result<()> {
-        let n = self.gate.out_dim;
-        let (a, u) = (&mut a[..rows * n], &mut u[..rows * n]);
+    pub fn neurons(&self) -> usize {
+        self.gate.out_dim
+    }
+
+    /// Bytes of weights of one neuron (its rows of `Wg`, `Wu` and `Wd^T`).
+    pub fn bytes_per_neuron(&self) -> usize {
+        3 * self.gate.in_dim * self.down_t.dtype().size_in_bytes()
+    }
+
+    /// `rows` tokens of `x` -> `out` for layer `layer`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        x: &[f32],
+        rows: usize,
+        layer: usize,
+        mode: FfnMode,
+        bufs: FfnBuffers<'_>,
+        stats: &mut NeuronStats,
+        mask: &NeuronMask,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (n, d) = (self.neurons(), self.gate.in_dim);
+        let act = self.act;
+        if rows == 1 {
+            let kept = if mode == FfnMode::Sparse { mask.kept(layer) } else { None };
+            if mode != FfnMode::Observe {
+                let gb = self.gate.bias.as_deref();
+                let ub = self.up.bias.as_deref();
+                with_weights(&self.gate.weight, |wg| {
+                    with_weights(&self.up.weight, |wu| {
+                        with_weights(&self.down_t, |wd| {
+                            let w = FfnWeights { gate: wg, up: wu, down_t: wd, gate_bias: gb, up_bias: ub, d };
+                            ffn_decode(w, n, kept, &x[..d], |v| activate(act, v), bufs.partials, &mut out[..d]);
+                        })
+                    })
+                })???;
+                self.add_down_bias(&mut out[..d]);
+                return Ok(());
+            }
+        }
+        let (a, u) = (&mut bufs.a[..rows * n], &mut bufs.u[..rows * n]);
         self.gate.forward(x, rows, a)?;
         self.up.forward(x, rows, u)?;
-        let act = self.act;
         for (ai, ui) in a.iter_mut().zip(u.iter()) {
             *ai = activate(act, *ai) * ui;
         }
-        self.down.forward(a, rows, out)
+        match mode {
+            FfnMode::Observe => stats.observe(layer, a, rows),
+            FfnMode::Sparse if mask.kept(layer).is_some() => {
+                let keep = mask.keep_row(layer);
+                a.chunks_exact_mut(n).for_each(|r| r.iter_mut().zip(keep).for_each(|(v, k)| *v *= k));
+            }
+            _ => {}
+        }
+        matmul(a, rows, &self.down_t, false, out)?;
+        for row in out[..rows * d].chunks_exact_mut(d) {
+            self.add_down_bias(row);
+        }
+        Ok(())
+    }
+
+    fn add_down_bias(&self, row: &mut [f32]) {
+        if let Some(b) = &self.down_bias {
+            row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+        }
     }
 }
 

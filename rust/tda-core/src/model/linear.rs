@@ -33,15 +33,7 @@ impl Linear {
         if rows == 1 {
             with_weights(&self.weight, |w| gemv(w, self.in_dim, x, out))?;
         } else {
-            // Prefill: candle's multi-threaded GEMM, in f32 (bf16/f16 weights are widened here).
-            let xt = Tensor::from_slice(x, (rows, self.in_dim), &Device::Cpu)?;
-            let w = self.weight.to_dtype(DType::F32)?;
-            let y = xt.matmul(&w.t()?)?.flatten_all()?;
-            let (storage, _) = y.storage_and_layout();
-            match &*storage {
-                candle_core::Storage::Cpu(s) => out.copy_from_slice(s.as_slice::<f32>()?),
-                _ => return Err(Error::Internal("prefill GEMM produced a non-CPU tensor".into())),
-            }
+            matmul(x, rows, &self.weight, true, out)?;
         }
         if let Some(b) = &self.bias {
             for row in out.chunks_mut(self.out_dim) {
@@ -52,6 +44,22 @@ impl Linear {
         }
         Ok(())
     }
+}
+
+/// Prefill's GEMM, `out = x W^T` (`transposed`, `W` is `out x in`) or `out = x W` (`W` is
+/// `in x out`): candle's multi-threaded GEMM in f32 (bf16/f16 weights are widened here).
+pub fn matmul(x: &[f32], rows: usize, w: &Tensor, transposed: bool, out: &mut [f32]) -> Result<()> {
+    let (a, b) = w.dims2()?;
+    let k = if transposed { b } else { a };
+    let xt = Tensor::from_slice(&x[..rows * k], (rows, k), &Device::Cpu)?;
+    let w = w.to_dtype(DType::F32)?;
+    let y = if transposed { xt.matmul(&w.t()?)? } else { xt.matmul(&w)? }.flatten_all()?;
+    let (storage, _) = y.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => out[..y.elem_count()].copy_from_slice(s.as_slice::<f32>()?),
+        _ => return Err(Error::Internal("prefill GEMM produced a non-CPU tensor".into())),
+    }
+    Ok(())
 }
 
 /// A 1-D parameter (norm weight, bias) as f32.

@@ -12,4 +12,5 @@ pub mod rope;
 pub mod state;
 
 pub use decoder::{Logits, Model};
+pub use ffn::FfnMode;
 pub use state::State;

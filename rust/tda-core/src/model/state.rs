@@ -4,6 +4,8 @@
 use super::kv_cache::KvCache;
 use super::rope::RopeTable;
 use crate::config::ModelConfig;
+use crate::kernels::cpu::MAX_FFN_CHUNKS;
+use crate::sparsity::{NeuronMask, NeuronStats};
 
 pub struct State {
     rows: usize,
@@ -21,6 +23,12 @@ pub struct State {
     /// FFN intermediate activation and scratch, `rows x intermediate`.
     pub ffn_a: Vec<f32>,
     pub ffn_u: Vec<f32>,
+    /// Partial sums of the decode FFN kernel, `MAX_FFN_CHUNKS x hidden`.
+    pub ffn_partials: Vec<f32>,
+    /// Statistics of the prompt's FFN activations (filled by an observing prefill).
+    pub stats: NeuronStats,
+    /// The neurons sparse decoding keeps.
+    pub mask: NeuronMask,
     /// Logits of the last token, `vocab`.
     pub logits: Vec<f32>,
     pub cache: KvCache,
@@ -42,6 +50,9 @@ impl State {
             ctx: vec![0.0; rows * cfg.q_dim()],
             ffn_a: vec![0.0; rows * n],
             ffn_u: vec![0.0; rows * n],
+            ffn_partials: vec![0.0; MAX_FFN_CHUNKS * d],
+            stats: NeuronStats::new(cfg.num_layers, n),
+            mask: NeuronMask::new(cfg.num_layers, n),
             logits: vec![0.0; cfg.vocab_size],
             cache: KvCache::new(cfg.num_layers, cfg.kv_dim(), capacity),
             ropes: cfg.ropes.iter().map(|r| RopeTable::new(r, cfg.head_dim, capacity)).collect(),

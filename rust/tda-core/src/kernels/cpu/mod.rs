@@ -109,6 +109,134 @@ pub fn gemv(w: WeightSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
     });
 }
 
+/// Per-element view of one weight row for the fused FFN: `dot` with f32 `x`, and `y += a * row`.
+#[inline]
+fn row_dot(w: WeightSlice<'_>, r: usize, cols: usize, x: &[f32]) -> f32 {
+    let span = r * cols..(r + 1) * cols;
+    match w {
+        WeightSlice::F32(v) => dot(&v[span], x),
+        WeightSlice::BF16(v) => dot_half(&v[span], x, |s, d| s.convert_to_f32_slice(d)),
+        WeightSlice::F16(v) => dot_half(&v[span], x, |s, d| s.convert_to_f32_slice(d)),
+    }
+}
+
+#[inline]
+fn row_axpy(w: WeightSlice<'_>, r: usize, cols: usize, a: f32, y: &mut [f32]) {
+    let span = r * cols..(r + 1) * cols;
+    match w {
+        WeightSlice::F32(v) => axpy(a, &v[span], y),
+        WeightSlice::BF16(v) => axpy_half(a, &v[span], y, |s, d| s.convert_to_f32_slice(d)),
+        WeightSlice::F16(v) => axpy_half(a, &v[span], y, |s, d| s.convert_to_f32_slice(d)),
+    }
+}
+
+#[inline]
+fn axpy_half<T: Copy>(a: f32, row: &[T], y: &mut [f32], convert: impl Fn(&[T], &mut [f32])) {
+    let mut buf = [0f32; 64];
+    for (r, ys) in row.chunks(64).zip(y.chunks_mut(64)) {
+        let b = &mut buf[..r.len()];
+        convert(r, b);
+        axpy(a, b, ys);
+    }
+}
+
+/// Asks the CPU to start loading row `r` (the first few cache lines; the hardware prefetcher
+/// follows on from there).
+#[inline(always)]
+fn prefetch_row(w: WeightSlice<'_>, r: usize, cols: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (ptr, bytes) = match w {
+            WeightSlice::F32(v) => (v[r * cols..].as_ptr() as *const i8, cols * 4),
+            WeightSlice::BF16(v) => (v[r * cols..].as_ptr() as *const i8, cols * 2),
+            WeightSlice::F16(v) => (v[r * cols..].as_ptr() as *const i8, cols * 2),
+        };
+        for off in (0..bytes.min(PREFETCH_BYTES)).step_by(64) {
+            // SAFETY: prefetching is a hint; the address is inside the row (checked by the slicing above).
+            unsafe { _mm_prefetch(ptr.add(off), _MM_HINT_T0) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, r, cols);
+}
+
+/// How much of the next kept neuron's rows [`ffn_decode`] prefetches.
+const PREFETCH_BYTES: usize = 4096;
+
+/// The weights of one gated FFN for [`ffn_decode`]: `gate` and `up` are `n x d`, `down_t` is the
+/// down projection transposed, `n x d`, so that every neuron owns one contiguous row of each.
+#[derive(Clone, Copy)]
+pub struct FfnWeights<'a> {
+    pub gate: WeightSlice<'a>,
+    pub up: WeightSlice<'a>,
+    pub down_t: WeightSlice<'a>,
+    pub gate_bias: Option<&'a [f32]>,
+    pub up_bias: Option<&'a [f32]>,
+    pub d: usize,
+}
+
+/// Most partial sums [`ffn_decode`] uses; the caller's `partials` holds `MAX_FFN_CHUNKS * d` floats.
+pub const MAX_FFN_CHUNKS: usize = 32;
+
+/// One token through a gated FFN, computing only the neurons in `kept` (all `n` when `None`):
+/// `out = sum_j act(g_j . x + bg_j) * (u_j . x + bu_j) * down_t_j`.
+///
+/// Each neuron reads its three weight rows once and nothing else is read, so the bytes read are
+/// proportional to the neurons kept. The neuron list is cut into fixed chunks whose partial sums
+/// are added in chunk order, so the result does not depend on thread scheduling.
+pub fn ffn_decode(
+    w: FfnWeights<'_>,
+    n: usize,
+    kept: Option<&[u32]>,
+    x: &[f32],
+    act: impl Fn(f32) -> f32 + Sync,
+    partials: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = w.d;
+    let count = kept.map_or(n, <[u32]>::len);
+    out[..d].fill(0.0);
+    if count == 0 {
+        return;
+    }
+    let neuron = |i: usize| kept.map_or(i, |k| k[i] as usize);
+    let work = |range: std::ops::Range<usize>, acc: &mut [f32]| {
+        acc.fill(0.0);
+        let end = range.end;
+        for i in range {
+            let j = neuron(i);
+            if kept.is_some() && i + 1 < end {
+                // Skipped neurons break the sequential stream the hardware prefetcher follows:
+                // start the next kept neuron's rows early.
+                let nj = neuron(i + 1);
+                for wt in [w.gate, w.up, w.down_t] {
+                    prefetch_row(wt, nj, d);
+                }
+            }
+            let g = row_dot(w.gate, j, d, x) + w.gate_bias.map_or(0.0, |b| b[j]);
+            let u = row_dot(w.up, j, d, x) + w.up_bias.map_or(0.0, |b| b[j]);
+            row_axpy(w.down_t, j, d, act(g) * u, acc);
+        }
+    };
+    // Each neuron costs 3 rows of d multiply-adds.
+    let per_chunk = (MIN_PARALLEL_WORK / (3 * d).max(1)).max(1);
+    let chunks = count.div_ceil(per_chunk).clamp(1, MAX_FFN_CHUNKS.min(partials.len() / d.max(1)).max(1));
+    let size = count.div_ceil(chunks);
+    if chunks == 1 {
+        work(0..count, &mut out[..d]);
+        return;
+    }
+    partials[..chunks * d].par_chunks_mut(d).enumerate().for_each(|(c, acc)| {
+        work(c * size..((c + 1) * size).min(count), acc);
+    });
+    for acc in partials[..chunks * d].chunks(d) {
+        for (o, p) in out[..d].iter_mut().zip(acc) {
+            *o += p;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +263,47 @@ mod tests {
                 let want = reference(&wf, cols, &x);
                 for (a, b) in out.iter().zip(&want) {
                     assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{rows}x{cols}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ffn_decode_matches_reference_dense_and_sparse() {
+        let act = |v: f32| v / (1.0 + (-v).exp());
+        for &(n, d) in &[(1, 3), (7, 5), (300, 33), (1000, 130)] {
+            let mk = |seed: usize, len: usize| -> Vec<f32> {
+                (0..len).map(|i| (((i * 31 + seed * 17) % 97) as f32 - 48.0) / 40.0).collect()
+            };
+            let (g, u, dt, x) = (mk(1, n * d), mk(2, n * d), mk(3, n * d), mk(4, d));
+            let kept: Vec<u32> = (0..n as u32).filter(|j| j % 3 != 1).collect();
+            for sel in [None, Some(&kept[..])] {
+                let mut want = vec![0f64; d];
+                let idx: Vec<usize> = sel.map_or((0..n).collect(), |k| k.iter().map(|&j| j as usize).collect());
+                for &j in &idx {
+                    let dg: f32 = g[j * d..(j + 1) * d].iter().zip(&x).map(|(a, b)| a * b).sum();
+                    let du: f32 = u[j * d..(j + 1) * d].iter().zip(&x).map(|(a, b)| a * b).sum();
+                    let a = act(dg) * du;
+                    for i in 0..d {
+                        want[i] += (a * dt[j * d + i]) as f64;
+                    }
+                }
+                let gb: Vec<bf16> = g.iter().map(|&v| bf16::from_f32(v)).collect();
+                let ub: Vec<bf16> = u.iter().map(|&v| bf16::from_f32(v)).collect();
+                let db: Vec<bf16> = dt.iter().map(|&v| bf16::from_f32(v)).collect();
+                let cases = [
+                    (WeightSlice::F32(&g), WeightSlice::F32(&u), WeightSlice::F32(&dt), 1e-3),
+                    (WeightSlice::BF16(&gb), WeightSlice::BF16(&ub), WeightSlice::BF16(&db), 0.1),
+                ];
+                for (wg, wu, wd, tol) in cases {
+                    let w = FfnWeights { gate: wg, up: wu, down_t: wd, gate_bias: None, up_bias: None, d };
+                    let mut partials = vec![0f32; MAX_FFN_CHUNKS * d];
+                    let mut out = vec![0f32; d];
+                    ffn_decode(w, n, sel, &x, act, &mut partials, &mut out);
+                    let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
+                    for (o, w) in out.iter().zip(&want) {
+                        assert!(((*o as f64) - w).abs() <= tol * scale, "n={n} d={d}: {o} vs {w}");
+                    }
                 }
             }
         }

@@ -1,0 +1,17 @@
+//! Prompt-chosen sparse FFN decoding.
+//!
+//! During the dense prefill every FFN layer records statistics of its intermediate activation
+//! `A = act(x Wg^T) * (x Wu^T)` over the prompt ([`stats`]). From them a method ([`spec`]) picks
+//! the neurons each layer keeps ([`mask`]); decoding then computes only those. [`calibrate`] turns
+//! a target density, or a perplexity budget, into TDA thresholds.
+
+pub mod calibrate;
+pub mod corpus;
+pub mod mask;
+pub mod spec;
+pub mod stats;
+
+pub use calibrate::{BudgetReport, LengthProfile};
+pub use mask::NeuronMask;
+pub use spec::{Sparsity, Thresholds};
+pub use stats::NeuronStats;
