@@ -242,7 +242,7 @@ mod tests {
     use super::*;
 
     fn reference(w: &[f32], cols: usize, x: &[f32]) -> Vec<f32> {
-        w.chunks(cols).map(|r| r.iter().zip(x).map(|(a, b)| (*a as f64 * *b as f64)).sum::<f64>() as f32).collect()
+        w.chunks(cols).map(|r| r.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32).collect()
     }
 
     #[test]
