@@ -29,9 +29,51 @@ pub fn with_weights<R>(t: &Tensor, f: impl FnOnce(WeightSlice<'_>) -> R) -> Resu
     })
 }
 
-/// Dot product with 8 independent accumulators, so the compiler can vectorise it.
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// Whether the AVX2 + FMA + F16C paths run (checked once; `TDA_ENGINE_PORTABLE=1` turns them off).
+#[inline]
+pub fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SIMD.get_or_init(|| {
+            std::env::var_os("TDA_ENGINE_PORTABLE").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `a . b`, with the SIMD path when the CPU has it.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: simd() checked the CPU features.
+        return unsafe { x86::dot_f32(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+/// `y += a * x`, with the SIMD path when the CPU has it.
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: simd() checked the CPU features.
+        return unsafe { x86::axpy_f32(a, x, y) };
+    }
+    axpy_portable(a, x, y)
+}
+
+/// Dot product with 8 independent accumulators, so the compiler can vectorise it.
+#[inline]
+pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0f32; 8];
     let (ca, ra) = a.as_chunks::<8>();
@@ -48,9 +90,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// `y += a * x`.
+/// `y += a * x`, portable.
 #[inline]
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+pub fn axpy_portable(a: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;
     }
@@ -64,7 +106,7 @@ fn dot_half<T: Copy>(row: &[T], x: &[f32], convert: impl Fn(&[T], &mut [f32])) -
     for (r, xs) in row.chunks(64).zip(x.chunks(64)) {
         let b = &mut buf[..r.len()];
         convert(r, b);
-        s += dot(b, xs);
+        s += dot_portable(b, xs);
     }
     s
 }
@@ -86,14 +128,7 @@ const MIN_PARALLEL_WORK: usize = 1 << 15;
 pub fn gemv(w: WeightSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
     let rows = out.len();
     debug_assert_eq!(x.len(), cols);
-    let row_dot = |r: usize| -> f32 {
-        let span = r * cols..(r + 1) * cols;
-        match w {
-            WeightSlice::F32(v) => dot(&v[span], x),
-            WeightSlice::BF16(v) => dot_half(&v[span], x, |s, d| s.convert_to_f32_slice(d)),
-            WeightSlice::F16(v) => dot_half(&v[span], x, |s, d| s.convert_to_f32_slice(d)),
-        }
-    };
+    let row_dot = |r: usize| row_dot(w, r, cols, x);
     if rows * cols < 2 * MIN_PARALLEL_WORK {
         for (r, o) in out.iter_mut().enumerate() {
             *o = row_dot(r);
@@ -113,8 +148,19 @@ pub fn gemv(w: WeightSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
 #[inline]
 fn row_dot(w: WeightSlice<'_>, r: usize, cols: usize, x: &[f32]) -> f32 {
     let span = r * cols..(r + 1) * cols;
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: simd() checked the CPU features; the row and x have `cols` elements.
+        return unsafe {
+            match w {
+                WeightSlice::F32(v) => x86::dot_f32(&v[span], x),
+                WeightSlice::BF16(v) => x86::dot_bf16(&v[span], x),
+                WeightSlice::F16(v) => x86::dot_f16(&v[span], x),
+            }
+        };
+    }
     match w {
-        WeightSlice::F32(v) => dot(&v[span], x),
+        WeightSlice::F32(v) => dot_portable(&v[span], x),
         WeightSlice::BF16(v) => dot_half(&v[span], x, |s, d| s.convert_to_f32_slice(d)),
         WeightSlice::F16(v) => dot_half(&v[span], x, |s, d| s.convert_to_f32_slice(d)),
     }
@@ -123,8 +169,19 @@ fn row_dot(w: WeightSlice<'_>, r: usize, cols: usize, x: &[f32]) -> f32 {
 #[inline]
 fn row_axpy(w: WeightSlice<'_>, r: usize, cols: usize, a: f32, y: &mut [f32]) {
     let span = r * cols..(r + 1) * cols;
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: simd() checked the CPU features; the row and y have `cols` elements.
+        return unsafe {
+            match w {
+                WeightSlice::F32(v) => x86::axpy_f32(a, &v[span], y),
+                WeightSlice::BF16(v) => x86::axpy_bf16(a, &v[span], y),
+                WeightSlice::F16(v) => x86::axpy_f16(a, &v[span], y),
+            }
+        };
+    }
     match w {
-        WeightSlice::F32(v) => axpy(a, &v[span], y),
+        WeightSlice::F32(v) => axpy_portable(a, &v[span], y),
         WeightSlice::BF16(v) => axpy_half(a, &v[span], y, |s, d| s.convert_to_f32_slice(d)),
         WeightSlice::F16(v) => axpy_half(a, &v[span], y, |s, d| s.convert_to_f32_slice(d)),
     }
@@ -136,7 +193,7 @@ fn axpy_half<T: Copy>(a: f32, row: &[T], y: &mut [f32], convert: impl Fn(&[T], &
     for (r, ys) in row.chunks(64).zip(y.chunks_mut(64)) {
         let b = &mut buf[..r.len()];
         convert(r, b);
-        axpy(a, b, ys);
+        axpy_portable(a, b, ys);
     }
 }
 
@@ -303,6 +360,74 @@ mod tests {
                     let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
                     for (o, w) in out.iter().zip(&want) {
                         assert!(((*o as f64) - w).abs() <= tol * scale, "n={n} d={d}: {o} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dot_and_axpy_match_reference_on_every_path_and_size() {
+        for n in [0usize, 1, 7, 8, 9, 31, 32, 33, 63, 64, 65, 100, 577] {
+            let w: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0).collect();
+            let x: Vec<f32> = (0..n).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let widen = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+            let cases = [
+                (widen(&w), "f32"),
+                (wb.iter().map(|v| v.to_f32() as f64).collect(), "bf16"),
+                (wh.iter().map(|v| v.to_f32() as f64).collect(), "f16"),
+            ];
+            for (wf, name) in cases {
+                let want_dot: f64 = wf.iter().zip(&x).map(|(a, b)| a * *b as f64).sum();
+                let want_axpy: Vec<f64> = wf.iter().zip(&x).map(|(a, b)| *b as f64 + 0.5 * a).collect();
+                let tol = 1e-4 * (1.0 + wf.iter().zip(&x).map(|(a, b)| (a * *b as f64).abs()).sum::<f64>());
+                let mut paths: Vec<(&str, f32, Vec<f32>)> = vec![];
+                let mut y = x.clone();
+                let d = match name {
+                    "f32" => {
+                        axpy_portable(0.5, &w, &mut y);
+                        dot_portable(&w, &x)
+                    }
+                    "bf16" => {
+                        axpy_half(0.5, &wb, &mut y, |s, d| s.convert_to_f32_slice(d));
+                        dot_half(&wb, &x, |s, d| s.convert_to_f32_slice(d))
+                    }
+                    _ => {
+                        axpy_half(0.5, &wh, &mut y, |s, d| s.convert_to_f32_slice(d));
+                        dot_half(&wh, &x, |s, d| s.convert_to_f32_slice(d))
+                    }
+                };
+                paths.push(("portable", d, y));
+                #[cfg(target_arch = "x86_64")]
+                if simd() {
+                    let mut y = x.clone();
+                    // SAFETY: simd() checked the CPU features.
+                    let d = unsafe {
+                        match name {
+                            "f32" => {
+                                x86::axpy_f32(0.5, &w, &mut y);
+                                x86::dot_f32(&w, &x)
+                            }
+                            "bf16" => {
+                                x86::axpy_bf16(0.5, &wb, &mut y);
+                                x86::dot_bf16(&wb, &x)
+                            }
+                            _ => {
+                                x86::axpy_f16(0.5, &wh, &mut y);
+                                x86::dot_f16(&wh, &x)
+                            }
+                        }
+                    };
+                    paths.push(("avx2+fma", d, y));
+                } else if n == 0 {
+                    eprintln!("skipped: this CPU has no AVX2+FMA+F16C, only the portable path was tested");
+                }
+                for (path, d, y) in paths {
+                    assert!((d as f64 - want_dot).abs() <= tol, "{path} {name} n={n}: dot {d} vs {want_dot}");
+                    for (a, b) in y.iter().zip(&want_axpy) {
+                        assert!((*a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()), "{path} {name} n={n}: axpy");
                     }
                 }
             }
