@@ -357,3 +357,10 @@ def test_sparse_generation_from_several_threads(engine_for):
         got = list(ex.map(lambda j: greedy(eng, j[0], 8, sparsity=j[1]), jobs))
     for w, g in zip(want, got, strict=True):
         assert w.token_ids == g.token_ids and w.ffn_active == g.ffn_active
+
+
+def test_bos_prefix_is_what_the_tokenizer_prepends(engine_for):
+    for name in SPARSE_MODELS:
+        eng = engine_for(name)
+        with_sp, without = eng.tokenize("Hello"), eng.tokenize("Hello", add_special_tokens=False)
+        assert with_sp == eng.bos_prefix() + without[: len(with_sp) - len(eng.bos_prefix())]

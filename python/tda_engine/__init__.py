@@ -257,6 +257,11 @@ class Engine:
     def bos_token_id(self) -> int | None:
         return self._n.bos_token_id
 
+    def bos_prefix(self) -> list[int]:
+        """The ids the tokenizer puts before a text (BOS, if any): what calibration and
+        evaluation windows start with, as prompts do."""
+        return list(self._n.bos_prefix())
+
     # -- text <-> ids ------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -27,15 +27,6 @@ DEFAULT_BUDGETS = (0.01, 0.03)
 LENGTHS = (16, 32, 64, 128, 256, 512, 1024)
 
 
-def bos_prefix(engine) -> list[int]:
-    """The ids the tokenizer puts before a text (BOS), found by tokenizing with and without."""
-    with_sp, without = engine.tokenize("Hello", True), engine.tokenize("Hello", False)
-    for i in range(len(with_sp) - len(without) + 1):
-        if with_sp[i : i + len(without)] == without:
-            return with_sp[:i]
-    return []
-
-
 def split_text(text: str, fraction: float) -> tuple[str, str]:
     """(calibration part, evaluation part), cut at the first line break after ``fraction``."""
     cut = int(len(text) * fraction)
@@ -45,7 +36,7 @@ def split_text(text: str, fraction: float) -> tuple[str, str]:
 
 
 def windows(engine, text: str, length: int, count: int) -> list[list[int]]:
-    bos = bos_prefix(engine)
+    bos = engine.bos_prefix()
     ids = engine.tokenize(text, add_special_tokens=False)
     body = length - len(bos)
     out = [bos + ids[i : i + body] for i in range(0, len(ids) - body + 1, body)]

@@ -438,9 +438,6 @@ impl Engine {
         target: CalibrationTarget,
         opts: &CalibrationOptions,
     ) -> Result<(Thresholds, Option<BudgetReport>)> {
-        let text = if texts.is_empty() { DEFAULT_CORPUS.to_string() } else { texts.join("\n\n") };
-        let tokens = self.tokenize(&text, false)?;
-        let source = if texts.is_empty() { "default corpus".to_string() } else { format!("{} text(s)", texts.len()) };
         match target {
             CalibrationTarget::Density(d) => {
                 let t = self.calibrate_densities(texts, &[d], opts)?.pop();
@@ -450,6 +447,7 @@ impl Engine {
                 if !(b > 0.0 && b.is_finite()) {
                     return Err(Error::arg(format!("max_ppl_increase must be > 0, got {b}")));
                 }
+                let (tokens, source) = self.calibration_tokens(texts)?;
                 // Held-out validation windows from the end of the text, the profile from the rest.
                 let vlen = self.window_len(VALIDATION_LEN);
                 let bos = self.bos_prefix()?;
@@ -477,6 +475,14 @@ impl Engine {
         }
     }
 
+    /// The calibration text's tokens (the default corpus when `texts` is empty) and its description.
+    fn calibration_tokens(&self, texts: &[String]) -> Result<(Vec<u32>, String)> {
+        if texts.is_empty() {
+            return Ok((self.tokenize(DEFAULT_CORPUS, false)?, "default corpus".into()));
+        }
+        Ok((self.tokenize(&texts.join("\n\n"), false)?, format!("{} text(s)", texts.len())))
+    }
+
     /// Density calibration for several densities from one pass over the text.
     pub fn calibrate_densities(
         &self,
@@ -485,10 +491,8 @@ impl Engine {
         opts: &CalibrationOptions,
     ) -> Result<Vec<Thresholds>> {
         densities.iter().try_for_each(|&d| check_density(d))?;
-        let text = if texts.is_empty() { DEFAULT_CORPUS.to_string() } else { texts.join("\n\n") };
-        let tokens = self.tokenize(&text, false)?;
+        let (tokens, source) = self.calibration_tokens(texts)?;
         let profile = self.profile(&tokens, opts)?;
-        let source = if texts.is_empty() { "default corpus".to_string() } else { format!("{} text(s)", texts.len()) };
         Ok(densities
             .iter()
             .map(|&d| {

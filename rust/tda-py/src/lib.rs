@@ -191,6 +191,11 @@ impl Engine {
         t.bos_token.as_deref().and_then(|b| t.token_to_id(b)).or(self.inner.config().bos_token_id)
     }
 
+    /// The ids the tokenizer puts before a text (BOS), as calibration windows start.
+    fn bos_prefix(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        compute(py, || self.inner.bos_prefix())
+    }
+
     #[getter]
     fn has_chat_template(&self) -> bool {
         self.inner.tokenizer().chat_template.is_some()

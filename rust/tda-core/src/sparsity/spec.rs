@@ -45,18 +45,6 @@ impl Sparsity {
             }
         }
     }
-
-    pub fn name(&self) -> String {
-        match self {
-            Sparsity::Dense => "dense".into(),
-            Sparsity::Griffin { density } => format!("griffin:{density}"),
-            Sparsity::TdaDensity(d) => format!("tda:{d}"),
-            Sparsity::Tda(t) => match t.meta.get("name").and_then(Value::as_str) {
-                Some(n) => format!("tda[{n}]"),
-                None => "tda[thresholds]".into(),
-            },
-        }
-    }
 }
 
 /// A density must lie in (0, 1]; NaN fails.
