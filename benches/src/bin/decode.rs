@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p tda-bench --bin decode -- (--preset smollm2-135m [--layers N] | --model PATH)
 //!     [--dtype f32,bf16,f16] [--sparsity dense,tda:0.7,tda:0.5,tda:0.3,griffin:0.5]
-//!     [--prompt-tokens 128] [--new-tokens 64] [--repeat 3]
+//!     [--prompt-tokens 128] [--new-tokens 64] [--repeat 3] [--roofline-mib 1024]
 //! ```
 //!
 //! For every configuration it reports the kept FFN neurons, the weight bytes one decode step reads
@@ -13,10 +13,15 @@
 //! Repeats run the configurations round-robin and keep each one's best, so that drift in the
 //! machine's speed hits all of them alike. TDA thresholds come from a quantile calibration on random
 //! token windows of the prompt's length (the weights are random, so there is no text to use).
+//! Right before and right after every timed decode it measures the machine's streaming read
+//! bandwidth (all threads, vectorised, best of 3 passes over a buffer larger than the cache): the
+//! roofline. "% roof" is the achieved bandwidth (weight bytes per token x tok/s) over the larger
+//! of the two measurements around the best run.
 //! It also times the prefill with and without collecting the neuron statistics.
 
 use std::path::PathBuf;
 use std::time::Instant;
+use tda_bench::{machine, Roofline};
 use tda_core::load::synthetic::{preset_config, RandomWeights, PRESETS};
 use tda_core::model::{FfnMode, Logits, Model, State};
 use tda_core::sparsity::calibrate::LengthProfile;
@@ -31,10 +36,12 @@ struct Args {
     repeat: usize,
     dtypes: Vec<String>,
     sparsity: Vec<String>,
+    roofline_mib: usize,
 }
 
 const USAGE: &str = "usage: decode (--preset NAME [--layers N] | --model PATH) [--dtype f32,bf16,f16] \
-     [--sparsity dense,tda:0.5,griffin:0.5] [--prompt-tokens N] [--new-tokens N] [--repeat N]";
+     [--sparsity dense,tda:0.5,griffin:0.5] [--prompt-tokens N] [--new-tokens N] [--repeat N] \
+     [--roofline-mib N]";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -46,6 +53,7 @@ fn parse_args() -> Result<Args, String> {
         repeat: 3,
         dtypes: vec!["f32".into()],
         sparsity: vec!["dense".into()],
+        roofline_mib: 1024,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -58,6 +66,7 @@ fn parse_args() -> Result<Args, String> {
             "--prompt-tokens" => a.prompt_tokens = num(val()?, "--prompt-tokens")?,
             "--new-tokens" => a.new_tokens = num(val()?, "--new-tokens")?,
             "--repeat" => a.repeat = num(val()?, "--repeat")?,
+            "--roofline-mib" => a.roofline_mib = num(val()?, "--roofline-mib")?,
             "--dtype" => a.dtypes = val()?.split(',').map(str::to_string).collect(),
             "--sparsity" => a.sparsity = val()?.split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
@@ -70,8 +79,8 @@ fn parse_args() -> Result<Args, String> {
     if a.model.is_some() == a.preset.is_some() {
         return Err(format!("give one of --model PATH and --preset NAME\n{USAGE}"));
     }
-    if a.prompt_tokens == 0 || a.new_tokens < 2 || a.repeat == 0 {
-        return Err("--prompt-tokens and --repeat must be >= 1, --new-tokens >= 2".into());
+    if a.prompt_tokens == 0 || a.new_tokens < 2 || a.repeat == 0 || a.roofline_mib == 0 {
+        return Err("--prompt-tokens, --repeat and --roofline-mib must be >= 1, --new-tokens >= 2".into());
     }
     Ok(a)
 }
@@ -83,6 +92,8 @@ struct Row {
     bytes: usize,
     prefill_tok_s: f64,
     decode_tok_s: f64,
+    /// Read bandwidth around the best decode run, GB/s: (before, after).
+    roofline: (f64, f64),
 }
 
 fn fail(e: impl std::fmt::Display) -> ! {
@@ -131,6 +142,7 @@ fn run(model: &Model, st: &mut State, prompt: &[u32], new: usize, sp: &Sparsity)
 fn main() {
     let args = parse_args().unwrap_or_else(|e| fail(e));
     let threads = rayon::current_num_threads();
+    let roof = Roofline::new(args.roofline_mib);
     let name = args.model.as_ref().map_or_else(|| args.preset.clone().unwrap_or_default(), |p| p.display().to_string());
     let mut rows = Vec::new();
     let mut overheads = Vec::new();
@@ -181,18 +193,23 @@ fn main() {
         let median = ratios[ratios.len() / 2];
         overheads.push((dtype.clone(), plain, observed, median, ratios.len()));
 
-        let mut best = vec![(f64::INFINITY, f64::INFINITY, vec![]); specs.len()];
+        let mut best = vec![(f64::INFINITY, f64::INFINITY, vec![], (0.0, 0.0)); specs.len()];
         for _ in 0..args.repeat {
             for (i, (_, sp)) in specs.iter().enumerate() {
+                let before = roof.measure(3);
                 let (pf, dec, kept) = run(model, &mut st, &prompt, args.new_tokens, sp);
+                let after = roof.measure(3);
                 let b = &mut best[i];
                 b.0 = b.0.min(pf);
-                b.1 = b.1.min(dec);
+                if dec < b.1 {
+                    b.1 = dec;
+                    b.3 = (before, after);
+                }
                 b.2 = kept;
             }
         }
         let n = model.cfg.intermediate_size;
-        for ((label, _), (pf, dec, kept)) in specs.iter().zip(best) {
+        for ((label, _), (pf, dec, kept, roofline)) in specs.iter().zip(best) {
             rows.push(Row {
                 dtype: dtype.clone(),
                 sparsity: label.clone(),
@@ -200,14 +217,28 @@ fn main() {
                 bytes: model.sparse_decode_weight_bytes(&kept),
                 prefill_tok_s: p as f64 / pf,
                 decode_tok_s: args.new_tokens as f64 / dec,
+                roofline,
             });
         }
     }
 
+    let m = machine();
+    println!("machine: {} ({}), kernels {}", m["cpu"].as_str().unwrap_or(""), m["simd"], m["kernels"]);
     println!("model {name}, {threads} threads, prompt {} tokens, {} new tokens", args.prompt_tokens, args.new_tokens);
     println!(
-        "{:<6} {:<12} {:>6} {:>9} {:>9} {:>9} {:>8} {:>7} {:>7} {:>7}",
-        "dtype", "sparsity", "kept", "MB/token", "prefill", "decode", "GB/s", "speedup", "ideal", "of ideal"
+        "{:<6} {:<12} {:>6} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>8} {:>7} {:>8}",
+        "dtype",
+        "sparsity",
+        "kept",
+        "MB/token",
+        "prefill",
+        "decode",
+        "GB/s",
+        "roof GB/s",
+        "% roof",
+        "speedup",
+        "ideal",
+        "of ideal"
     );
     let dense_of = |dtype: &str| rows.iter().find(|r| r.dtype == dtype && r.sparsity == "dense");
     let mut json_lines = Vec::new();
@@ -216,15 +247,19 @@ fn main() {
             Some(d) => (r.decode_tok_s / d.decode_tok_s, d.bytes as f64 / r.bytes as f64),
             None => (f64::NAN, f64::NAN),
         };
+        let achieved = r.bytes as f64 * r.decode_tok_s / 1e9;
+        let roofline = r.roofline.0.max(r.roofline.1);
         println!(
-            "{:<6} {:<12} {:>6.3} {:>9.2} {:>9.1} {:>9.1} {:>8.2} {:>6.2}x {:>6.2}x {:>7.2}",
+            "{:<6} {:<12} {:>6.3} {:>9.2} {:>9.1} {:>9.1} {:>8.2} {:>9.2} {:>6.0}% {:>7.2}x {:>6.2}x {:>8.2}",
             r.dtype,
             r.sparsity,
             r.kept_fraction,
             r.bytes as f64 / 1e6,
             r.prefill_tok_s,
             r.decode_tok_s,
-            r.bytes as f64 * r.decode_tok_s / 1e9,
+            achieved,
+            roofline,
+            100.0 * achieved / roofline,
             speedup,
             ideal,
             speedup / ideal
@@ -234,7 +269,9 @@ fn main() {
             "sparsity": r.sparsity, "threads": threads, "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "ffn_kept_fraction": r.kept_fraction,
             "weight_bytes_per_token": r.bytes, "prefill_tok_s": r.prefill_tok_s, "decode_tok_s": r.decode_tok_s,
-            "achieved_gb_s": r.bytes as f64 * r.decode_tok_s / 1e9, "speedup_vs_dense": speedup,
+            "achieved_gb_s": achieved, "roofline_gb_s": roofline, "roofline_before_gb_s": r.roofline.0,
+            "roofline_after_gb_s": r.roofline.1, "fraction_of_roofline": achieved / roofline,
+            "machine": m, "speedup_vs_dense": speedup,
             "ideal_speedup": ideal, "fraction_of_ideal": speedup / ideal,
         }));
     }

@@ -1,50 +1,226 @@
-//! GEMV micro-benchmark: the decode kernel on a weight matrix of a given shape and dtype, with
-//! 1 thread and with all threads, as a table and JSON lines.
+//! Kernel micro-benchmarks against the machine's streaming read bandwidth, as a table and JSON lines:
 //!
-//! cargo run --release -p tda-bench --bin kernels -- [--rows 49152] [--cols 576] [--iters 50]
+//! - **gemv**: the decode matrix-vector product on a `rows x cols` matrix, per weight dtype, per
+//!   instruction-set path this CPU has (portable, AVX2, AVX-512), with 1 thread and all threads;
+//! - **ffn**: the fused sparse FFN of decode (`n = rows` neurons of width `d = cols`), all neurons
+//!   and a random `density` share of them, two ways: reading the kept rows in place from the full
+//!   matrices (`indexed`, what the engine does) and after copying the kept rows into compact
+//!   matrices (`compacted`; the copy is timed apart).
+//!
+//! ```text
+//! cargo run --release -p tda-bench --bin kernels -- [--rows 11008] [--cols 4096] [--iters 20]
+//!     [--dtype f32,bf16,f16] [--density 0.5,0.3] [--roofline-mib 1024]
+//! ```
 
 use half::{bf16, f16};
 use std::time::Instant;
-use tda_core::kernels::cpu::{gemv, WeightSlice};
+use tda_bench::{machine, Roofline};
+use tda_core::kernels::cpu::{
+    available, ffn_decode, gemv_with, huge_page_copy, kernels, FfnWeights, WeightSlice, MAX_FFN_CHUNKS,
+};
 
-fn arg(name: &str, default: usize) -> usize {
+fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().unwrap_or_else(|e| panic!("{name}: {e}")))
-        .unwrap_or(default)
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or(default.to_string())
+}
+
+fn num<T: std::str::FromStr>(name: &str, v: &str) -> T
+where
+    T::Err: std::fmt::Display,
+{
+    v.parse().unwrap_or_else(|e| {
+        eprintln!("kernels: {name} {v}: {e}");
+        std::process::exit(2)
+    })
+}
+
+/// A matrix in the three weight dtypes.
+struct Mat {
+    f32: Vec<f32>,
+    bf16: Vec<bf16>,
+    f16: Vec<f16>,
+}
+
+impl Mat {
+    fn random(len: usize, seed: u64) -> Self {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let f32: Vec<f32> = (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+            })
+            .collect();
+        let bf16: Vec<bf16> = f32.iter().map(|&v| bf16::from_f32(v)).collect();
+        let f16: Vec<f16> = f32.iter().map(|&v| f16::from_f32(v)).collect();
+        // On huge pages, as the engine's weights are.
+        Self { f32: huge_page_copy(&f32), bf16: huge_page_copy(&bf16), f16: huge_page_copy(&f16) }
+    }
+
+    fn slice(&self, dtype: &str) -> WeightSlice<'_> {
+        match dtype {
+            "bf16" => WeightSlice::BF16(&self.bf16),
+            "f16" => WeightSlice::F16(&self.f16),
+            _ => WeightSlice::F32(&self.f32),
+        }
+    }
+
+    /// The rows in `kept`, copied into a compact matrix.
+    fn gather(&self, kept: &[u32], d: usize) -> Self {
+        fn rows<T: Copy>(v: &[T], kept: &[u32], d: usize) -> Vec<T> {
+            let mut out = Vec::with_capacity(kept.len() * d);
+            for &j in kept {
+                out.extend_from_slice(&v[j as usize * d..(j as usize + 1) * d]);
+            }
+            huge_page_copy(&out)
+        }
+        Self { f32: rows(&self.f32, kept, d), bf16: rows(&self.bf16, kept, d), f16: rows(&self.f16, kept, d) }
+    }
+}
+
+fn bytes_per(dtype: &str) -> usize {
+    if dtype == "f32" {
+        4
+    } else {
+        2
+    }
+}
+
+/// A layout of the FFN weights: name, (gate, up, down^T), kept neurons (None: all), neuron count.
+type Variant<'a> = (&'static str, [&'a Mat; 3], Option<&'a [u32]>, usize);
+
+/// Best seconds per call over `iters`, with the bandwidth measured before and after. Before each
+/// call a pass over the roofline buffer evicts the weights from the cache, as the other layers'
+/// weights do in a real decode step (the last-level cache can exceed a single matrix).
+fn time(roof: &Roofline, iters: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let before = roof.measure(3);
+    let mut best = f64::INFINITY;
+    for _ in 0..iters {
+        roof.measure(1);
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (best, before.max(roof.measure(3)))
+}
+
+/// A sorted random subset of `0..n` with `round(density * n)` elements (at least 1).
+fn random_kept(n: usize, density: f64, seed: u64) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    let mut s = seed | 1;
+    for i in (1..n).rev() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        idx.swap(i, (s % (i as u64 + 1)) as usize);
+    }
+    let mut kept = idx[..((density * n as f64).round() as usize).clamp(1, n)].to_vec();
+    kept.sort_unstable();
+    kept
 }
 
 fn main() {
-    let (rows, cols, iters) = (arg("--rows", 49152), arg("--cols", 576), arg("--iters", 50));
-    let w: Vec<f32> = (0..rows * cols).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
-    let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-    let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-    let x: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 / 13.0).collect();
+    let rows: usize = num("--rows", &arg("--rows", "11008"));
+    let cols: usize = num("--cols", &arg("--cols", "4096"));
+    let iters: usize = num("--iters", &arg("--iters", "20"));
+    let roof = Roofline::new(num("--roofline-mib", &arg("--roofline-mib", "1024")));
+    let dtypes: Vec<String> = arg("--dtype", "f32,bf16,f16").split(',').map(str::to_string).collect();
+    let densities: Vec<f64> =
+        arg("--density", "0.5,0.3").split(',').map(|d| num::<f64>("--density", d).clamp(0.0, 1.0)).collect();
+    let all = rayon::current_num_threads();
+    let m = machine();
+    println!("machine: {} ({}), {all} threads", m["cpu"].as_str().unwrap_or(""), m["simd"]);
+
+    println!("\ngemv {rows} x {cols}");
+    println!(
+        "{:<6} {:<9} {:>7} {:>10} {:>8} {:>9} {:>7}",
+        "dtype", "path", "threads", "us/call", "GB/s", "roof GB/s", "% roof"
+    );
+    let w = Mat::random(rows * cols, 1);
+    let x: Vec<f32> = (0..cols).map(|i| ((i % 13) as f32 - 6.0) / 13.0).collect();
     let mut out = vec![0f32; rows];
-    let all = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    println!("{:<6} {:>8} {:>10} {:>10}", "dtype", "threads", "us/call", "GB/s");
-    for (name, ws, bytes) in
-        [("f32", WeightSlice::F32(&w), 4), ("bf16", WeightSlice::BF16(&wb), 2), ("f16", WeightSlice::F16(&wh), 2)]
-    {
-        for threads in [1, all] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
-            let mut best = f64::MAX;
-            pool.install(|| {
-                for _ in 0..iters {
-                    let t = Instant::now();
-                    gemv(ws, cols, &x, &mut out);
-                    best = best.min(t.elapsed().as_secs_f64());
-                }
-            });
-            let gbs = (rows * cols * bytes) as f64 / best / 1e9;
-            println!("{name:<6} {threads:>8} {:>10.1} {gbs:>10.2}", best * 1e6);
-            println!(
-                "{}",
-                serde_json::json!({"bench": "gemv", "dtype": name, "rows": rows, "cols": cols, "threads": threads,
-                    "us_per_call": best * 1e6, "gb_s": gbs})
-            );
+    let mut json = vec![];
+    for dtype in &dtypes {
+        for k in available() {
+            for threads in [1, all] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
+                let (best, rl) =
+                    pool.install(|| time(&roof, iters, || gemv_with(k, w.slice(dtype), cols, &x, &mut out)));
+                let gbs = (rows * cols * bytes_per(dtype)) as f64 / best / 1e9;
+                println!(
+                    "{dtype:<6} {:<9} {threads:>7} {:>10.1} {gbs:>8.2} {rl:>9.2} {:>6.0}%",
+                    k.name,
+                    best * 1e6,
+                    100.0 * gbs / rl
+                );
+                json.push(serde_json::json!({"bench": "gemv", "dtype": dtype, "path": k.name, "rows": rows,
+                    "cols": cols, "threads": threads, "us_per_call": best * 1e6, "gb_s": gbs, "roofline_gb_s": rl,
+                    "fraction_of_roofline": gbs / rl}));
+            }
         }
+    }
+    drop(w);
+
+    let (n, d) = (rows, cols);
+    println!("\nfused FFN decode, {n} neurons of width {d}, {all} threads, {} path", kernels().name);
+    println!(
+        "{:<6} {:>7} {:<10} {:>10} {:>8} {:>9} {:>7} {:>8} {:>6} {:>9}",
+        "dtype", "density", "layout", "us/call", "GB/s", "roof GB/s", "% roof", "speedup", "ideal", "copy ms"
+    );
+    let (g, u, dt) = (Mat::random(n * d, 2), Mat::random(n * d, 3), Mat::random(n * d, 4));
+    let mut partials = vec![0f32; MAX_FFN_CHUNKS * d];
+    let mut y = vec![0f32; d];
+    let act = |v: f32| v / (1.0 + (-v).exp());
+    for dtype in &dtypes {
+        let mut dense_s = f64::NAN;
+        for &density in std::iter::once(&1.0).chain(&densities) {
+            let kept = random_kept(n, density, 7);
+            let t0 = Instant::now();
+            let compact = [&g, &u, &dt].map(|m| m.gather(&kept, d));
+            let copy_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let variants: Vec<Variant> = if density >= 1.0 {
+                vec![("dense", [&g, &u, &dt], None, n)]
+            } else {
+                vec![
+                    ("indexed", [&g, &u, &dt], Some(&kept[..]), n),
+                    ("compacted", [&compact[0], &compact[1], &compact[2]], None, kept.len()),
+                ]
+            };
+            for (layout, [mg, mu, md], sel, rows) in variants {
+                let w = FfnWeights {
+                    gate: mg.slice(dtype),
+                    up: mu.slice(dtype),
+                    down_t: md.slice(dtype),
+                    gate_bias: None,
+                    up_bias: None,
+                    d,
+                };
+                let (best, rl) =
+                    time(&roof, iters, || ffn_decode(kernels(), w, rows, sel, &x, act, &mut partials, &mut y));
+                if density >= 1.0 {
+                    dense_s = best;
+                }
+                let bytes = 3 * kept.len() * d * bytes_per(dtype);
+                let gbs = bytes as f64 / best / 1e9;
+                let copy = if layout == "compacted" { copy_ms } else { 0.0 };
+                println!(
+                    "{dtype:<6} {density:>7.2} {layout:<10} {:>10.1} {gbs:>8.2} {rl:>9.2} {:>6.0}% {:>7.2}x {:>5.2}x {copy:>9.1}",
+                    best * 1e6,
+                    100.0 * gbs / rl,
+                    dense_s / best,
+                    n as f64 / kept.len() as f64,
+                );
+                json.push(serde_json::json!({"bench": "ffn", "dtype": dtype, "path": kernels().name, "n": n, "d": d,
+                    "density": density, "layout": layout, "threads": all, "us_per_call": best * 1e6, "gb_s": gbs,
+                    "roofline_gb_s": rl, "fraction_of_roofline": gbs / rl, "speedup_vs_dense": dense_s / best,
+                    "ideal_speedup": n as f64 / kept.len() as f64, "copy_ms": copy}));
+            }
+        }
+    }
+    let huge = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    println!("{}", huge.lines().find(|l| l.starts_with("AnonHugePages")).unwrap_or(""));
+    for j in json {
+        println!("{j}");
     }
 }

@@ -14,7 +14,7 @@ use super::norm::RmsNorm;
 use super::state::State;
 use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
-use crate::kernels::cpu::{row_to_f32, with_weights};
+use crate::kernels::cpu::{on_huge_pages, row_to_f32, with_weights};
 use crate::load::WeightSource;
 use candle_core::{DType, Tensor};
 
@@ -56,7 +56,7 @@ impl Model {
             .find(|p| src.contains(&format!("{p}embed_tokens.weight")))
             .ok_or_else(|| Error::model("missing tensor 'model.embed_tokens.weight' in the checkpoint"))?;
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = src.tensor(&format!("{prefix}embed_tokens.weight"), &[v, d], dtype)?;
+        let embed = on_huge_pages(src.tensor(&format!("{prefix}embed_tokens.weight"), &[v, d], dtype)?)?;
         let norm = |name: &str| RmsNorm::load(src, name, d, cfg.norm, cfg.rms_norm_eps);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -81,7 +81,7 @@ impl Model {
         let lm_weight = if cfg.tie_word_embeddings || gemma_tied {
             embed.clone()
         } else {
-            src.tensor("lm_head.weight", &[v, d], dtype)?
+            on_huge_pages(src.tensor("lm_head.weight", &[v, d], dtype)?)?
         };
         let lm_head = super::linear::Linear { weight: lm_weight, bias: None, in_dim: d, out_dim: v };
         Ok(Self { cfg, dtype, embed, layers, final_norm, lm_head })

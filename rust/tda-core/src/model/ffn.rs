@@ -10,7 +10,7 @@
 use super::linear::{matmul, Linear};
 use crate::config::{Activation, ModelConfig};
 use crate::error::Result;
-use crate::kernels::cpu::{ffn_decode, with_weights, FfnWeights};
+use crate::kernels::cpu::{ffn_decode, kernels, on_huge_pages, with_weights, FfnWeights};
 use crate::load::WeightSource;
 use crate::sparsity::{NeuronMask, NeuronStats};
 use candle_core::{DType, Tensor};
@@ -51,7 +51,7 @@ impl Ffn {
         Ok(Self {
             gate: Linear::load(src, &format!("{p}.gate_proj"), d, n, b, dtype)?,
             up: Linear::load(src, &format!("{p}.up_proj"), d, n, b, dtype)?,
-            down_t: down.weight.t()?.contiguous()?,
+            down_t: on_huge_pages(down.weight.t()?.contiguous()?)?,
             down_bias: down.bias,
             act: cfg.act,
         })
@@ -90,7 +90,16 @@ impl Ffn {
                     with_weights(&self.up.weight, |wu| {
                         with_weights(&self.down_t, |wd| {
                             let w = FfnWeights { gate: wg, up: wu, down_t: wd, gate_bias: gb, up_bias: ub, d };
-                            ffn_decode(w, n, kept, &x[..d], |v| activate(act, v), bufs.partials, &mut out[..d]);
+                            ffn_decode(
+                                kernels(),
+                                w,
+                                n,
+                                kept,
+                                &x[..d],
+                                |v| activate(act, v),
+                                bufs.partials,
+                                &mut out[..d],
+                            );
                         })
                     })
                 })???;

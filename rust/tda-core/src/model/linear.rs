@@ -1,9 +1,12 @@
 //! `y = x W^T + b`: a GEMM for a batch of rows (prefill), the decode kernel for a single row.
 
-use crate::error::{Error, Result};
-use crate::kernels::cpu::{gemv, with_weights};
+use crate::error::Result;
+use crate::kernels::{
+    self,
+    cpu::{gemv, on_huge_pages, with_weights},
+};
 use crate::load::WeightSource;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 pub struct Linear {
     /// `(out_dim, in_dim)`, in the engine dtype.
@@ -22,7 +25,7 @@ impl Linear {
         bias: bool,
         dtype: DType,
     ) -> Result<Self> {
-        let weight = src.tensor(&format!("{name}.weight"), &[out_dim, in_dim], dtype)?;
+        let weight = on_huge_pages(src.tensor(&format!("{name}.weight"), &[out_dim, in_dim], dtype)?)?;
         let bias = if bias { Some(load_vector(src, &format!("{name}.bias"), out_dim)?) } else { None };
         Ok(Self { weight, bias, in_dim, out_dim })
     }
@@ -47,19 +50,10 @@ impl Linear {
 }
 
 /// Prefill's GEMM, `out = x W^T` (`transposed`, `W` is `out x in`) or `out = x W` (`W` is
-/// `in x out`): candle's multi-threaded GEMM in f32 (bf16/f16 weights are widened here).
+/// `in x out`), in f32 with the weights in their own dtype ([`crate::kernels::cpu::matmul`]).
 pub fn matmul(x: &[f32], rows: usize, w: &Tensor, transposed: bool, out: &mut [f32]) -> Result<()> {
     let (a, b) = w.dims2()?;
-    let k = if transposed { b } else { a };
-    let xt = Tensor::from_slice(&x[..rows * k], (rows, k), &Device::Cpu)?;
-    let w = w.to_dtype(DType::F32)?;
-    let y = if transposed { xt.matmul(&w.t()?)? } else { xt.matmul(&w)? }.flatten_all()?;
-    let (storage, _) = y.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(s) => out[..y.elem_count()].copy_from_slice(s.as_slice::<f32>()?),
-        _ => return Err(Error::Internal("prefill GEMM produced a non-CPU tensor".into())),
-    }
-    Ok(())
+    with_weights(w, |ws| kernels::cpu::matmul(x, rows, ws, a, b, transposed, out))
 }
 
 /// A 1-D parameter (norm weight, bias) as f32.

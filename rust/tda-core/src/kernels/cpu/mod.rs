@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use candle_core::{CpuStorage, Storage, Tensor};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// A borrowed view of a 2-D weight matrix's elements, row-major.
 #[derive(Clone, Copy)]
@@ -29,46 +30,166 @@ pub fn with_weights<R>(t: &Tensor, f: impl FnOnce(WeightSlice<'_>) -> R) -> Resu
     })
 }
 
+mod gemm;
+mod memory;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-/// Whether the AVX2 + FMA + F16C paths run (checked once; `TDA_ENGINE_PORTABLE=1` turns them off).
-#[inline]
-pub fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *SIMD.get_or_init(|| {
-            std::env::var_os("TDA_ENGINE_PORTABLE").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+pub use gemm::matmul;
+pub use memory::{huge_page_copy, on_huge_pages};
+
+/// One instruction-set path of the inner loops: dot products of a weight row with f32 activations,
+/// `y += a * row`, and a plain sum, for f32, bf16 and f16 rows. A table is only handed out
+/// ([`kernels`], [`available`]) when the CPU has its features, which makes calling it sound.
+/// The row entries also take the row the caller reads next, which they start prefetching.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    /// `portable`, `avx2` (AVX2 + FMA + F16C) or `avx512` (AVX-512F on top of those).
+    pub name: &'static str,
+    dot_f32: unsafe fn(&[f32], &[f32], &[f32]) -> f32,
+    dot_bf16: unsafe fn(&[bf16], &[f32], &[bf16]) -> f32,
+    dot_f16: unsafe fn(&[f16], &[f32], &[f16]) -> f32,
+    axpy_f32: unsafe fn(f32, &[f32], &mut [f32], &[f32]),
+    axpy_bf16: unsafe fn(f32, &[bf16], &mut [f32], &[bf16]),
+    axpy_f16: unsafe fn(f32, &[f16], &mut [f32], &[f16]),
+    sum_f32: unsafe fn(&[f32]) -> f32,
 }
 
-/// `a . b`, with the SIMD path when the CPU has it.
+const PORTABLE: Kernels = Kernels {
+    name: "portable",
+    dot_f32: |r, x, _| dot_portable(r, x),
+    dot_bf16: |r, x, _| dot_half(r, x, |s, d| s.convert_to_f32_slice(d)),
+    dot_f16: |r, x, _| dot_half(r, x, |s, d| s.convert_to_f32_slice(d)),
+    axpy_f32: |a, r, y, _| axpy_portable(a, r, y),
+    axpy_bf16: |a, r, y, _| axpy_half(a, r, y, |s, d| s.convert_to_f32_slice(d)),
+    axpy_f16: |a, r, y, _| axpy_half(a, r, y, |s, d| s.convert_to_f32_slice(d)),
+    sum_f32: sum_portable,
+};
+
+#[cfg(target_arch = "x86_64")]
+const AVX2: Kernels = Kernels {
+    name: "avx2",
+    dot_f32: x86::dot_f32,
+    dot_bf16: x86::dot_bf16,
+    dot_f16: x86::dot_f16,
+    axpy_f32: x86::axpy_f32,
+    axpy_bf16: x86::axpy_bf16,
+    axpy_f16: x86::axpy_f16,
+    sum_f32: x86::sum_f32,
+};
+
+#[cfg(target_arch = "x86_64")]
+const AVX512: Kernels = Kernels {
+    name: "avx512",
+    dot_f32: x86::dot_f32_512,
+    dot_bf16: x86::dot_bf16_512,
+    dot_f16: x86::dot_f16_512,
+    axpy_f32: x86::axpy_f32_512,
+    axpy_bf16: x86::axpy_bf16_512,
+    axpy_f16: x86::axpy_f16_512,
+    sum_f32: x86::sum_f32_512,
+};
+
+/// Every path this CPU can run, slowest first; the last is the default.
+pub fn available() -> Vec<&'static Kernels> {
+    #[allow(unused_mut)]
+    let mut v = vec![&PORTABLE];
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        v.push(&AVX2);
+        if is_x86_feature_detected!("avx512f") {
+            v.push(&AVX512);
+        }
+    }
+    v
+}
+
+/// The names of all paths, for messages about the ones this CPU lacks.
+pub const PATHS: [&str; 3] = ["portable", "avx2", "avx512"];
+
+/// The path the kernels use: the fastest this CPU has, or the one `TDA_ENGINE_KERNELS` names
+/// (`portable`, `avx2`, `avx512`; a path the CPU lacks falls back to the best it has).
+/// `TDA_ENGINE_PORTABLE=1` is the same as `TDA_ENGINE_KERNELS=portable`. Chosen once.
+#[inline]
+pub fn kernels() -> &'static Kernels {
+    static CHOSEN: std::sync::OnceLock<&'static Kernels> = std::sync::OnceLock::new();
+    CHOSEN.get_or_init(|| {
+        let all = available();
+        let wanted = match std::env::var("TDA_ENGINE_KERNELS") {
+            Ok(name) => Some(name),
+            Err(_) => std::env::var_os("TDA_ENGINE_PORTABLE").map(|_| "portable".to_string()),
+        };
+        let best = all[all.len() - 1];
+        wanted.and_then(|w| all.iter().copied().find(|k| k.name == w)).unwrap_or(best)
+    })
+}
+
+impl Kernels {
+    /// `a . b` over their common length.
+    #[inline]
+    pub fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        // SAFETY: a table exists only for CPUs with its features (see `available`); equal lengths.
+        unsafe { (self.dot_f32)(&a[..n], &b[..n], &[]) }
+    }
+
+    /// `y += a * x` over their common length.
+    #[inline]
+    pub fn axpy(&self, a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        // SAFETY: as in `dot`.
+        unsafe { (self.axpy_f32)(a, &x[..n], &mut y[..n], &[]) }
+    }
+
+    /// The sum of `a`.
+    #[inline]
+    pub fn sum(&self, a: &[f32]) -> f32 {
+        // SAFETY: as in `dot`.
+        unsafe { (self.sum_f32)(a) }
+    }
+
+    /// `W[r, :] . x` for a row-major matrix with `cols` columns, prefetching on into the rows
+    /// `next` (a range of rows, read next in order).
+    #[inline]
+    pub fn row_dot(&self, w: WeightSlice<'_>, r: usize, cols: usize, x: &[f32], next: Range<usize>) -> f32 {
+        let x = &x[..cols];
+        let (span, nspan) = (r * cols..(r + 1) * cols, next.start * cols..next.end * cols);
+        // SAFETY: as in `dot`; row and x have `cols` elements.
+        unsafe {
+            match w {
+                WeightSlice::F32(v) => (self.dot_f32)(&v[span], x, &v[nspan]),
+                WeightSlice::BF16(v) => (self.dot_bf16)(&v[span], x, &v[nspan]),
+                WeightSlice::F16(v) => (self.dot_f16)(&v[span], x, &v[nspan]),
+            }
+        }
+    }
+
+    /// `y += a * W[r, :]`, prefetching on into the rows `next`.
+    #[inline]
+    pub fn row_axpy(&self, w: WeightSlice<'_>, r: usize, cols: usize, a: f32, y: &mut [f32], next: Range<usize>) {
+        let y = &mut y[..cols];
+        let (span, nspan) = (r * cols..(r + 1) * cols, next.start * cols..next.end * cols);
+        // SAFETY: as in `row_dot`.
+        unsafe {
+            match w {
+                WeightSlice::F32(v) => (self.axpy_f32)(a, &v[span], y, &v[nspan]),
+                WeightSlice::BF16(v) => (self.axpy_bf16)(a, &v[span], y, &v[nspan]),
+                WeightSlice::F16(v) => (self.axpy_f16)(a, &v[span], y, &v[nspan]),
+            }
+        }
+    }
+}
+
+/// `a . b` on the chosen path.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: simd() checked the CPU features.
-        return unsafe { x86::dot_f32(a, b) };
-    }
-    dot_portable(a, b)
+    kernels().dot(a, b)
 }
 
-/// `y += a * x`, with the SIMD path when the CPU has it.
+/// `y += a * x` on the chosen path.
 #[inline]
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: simd() checked the CPU features.
-        return unsafe { x86::axpy_f32(a, x, y) };
-    }
-    axpy_portable(a, x, y)
+    kernels().axpy(a, x, y)
 }
 
 /// Dot product with 8 independent accumulators, so the compiler can vectorise it.
@@ -88,6 +209,19 @@ pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
+}
+
+/// Sum with 8 independent accumulators.
+#[inline]
+pub fn sum_portable(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (c, r) = a.as_chunks::<8>();
+    for x in c {
+        for l in 0..8 {
+            acc[l] += x[l];
+        }
+    }
+    acc.iter().sum::<f32>() + r.iter().sum::<f32>()
 }
 
 /// `y += a * x`, portable.
@@ -121,14 +255,54 @@ pub fn row_to_f32(w: WeightSlice<'_>, r: usize, cols: usize, out: &mut [f32]) {
     }
 }
 
+/// How far ahead of their loads the SIMD loops prefetch, in bytes. The hardware prefetcher alone
+/// keeps too few lines in flight when half-precision widening doubles the instructions per byte,
+/// and it stops at every jump between the rows of a sparse set.
+pub const PREFETCH_AHEAD: usize = 2048;
+
+impl WeightSlice<'_> {
+    /// Bytes per element.
+    pub fn elem_bytes(&self) -> usize {
+        match self {
+            WeightSlice::F32(_) => 4,
+            _ => 2,
+        }
+    }
+
+    /// Asks the CPU to start loading row `r` (every cache line of it).
+    #[inline(always)]
+    fn prefetch_row(&self, r: usize, cols: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let ptr = match self {
+                WeightSlice::F32(v) => v[r * cols..].as_ptr() as *const i8,
+                WeightSlice::BF16(v) => v[r * cols..].as_ptr() as *const i8,
+                WeightSlice::F16(v) => v[r * cols..].as_ptr() as *const i8,
+            };
+            for off in (0..cols * self.elem_bytes()).step_by(64) {
+                // SAFETY: prefetching is a hint; the address is inside row r (checked by the slicing).
+                unsafe { _mm_prefetch(ptr.add(off), _MM_HINT_T0) };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (r, cols);
+    }
+}
+
 /// Work per rayon task, in multiply-adds; below it a matrix-vector product runs on one thread.
 const MIN_PARALLEL_WORK: usize = 1 << 15;
 
 /// `out[r] = W[r, :] . x` for a row-major `rows x cols` matrix, split over threads by rows.
 pub fn gemv(w: WeightSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
+    gemv_with(kernels(), w, cols, x, out)
+}
+
+/// [`gemv`] on a given path.
+pub fn gemv_with(k: &Kernels, w: WeightSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
     let rows = out.len();
     debug_assert_eq!(x.len(), cols);
-    let row_dot = |r: usize| row_dot(w, r, cols, x);
+    let row_dot = |r: usize| k.row_dot(w, r, cols, x, r + 1..rows);
     if rows * cols < 2 * MIN_PARALLEL_WORK {
         for (r, o) in out.iter_mut().enumerate() {
             *o = row_dot(r);
@@ -144,49 +318,6 @@ pub fn gemv(w: WeightSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
     });
 }
 
-/// Per-element view of one weight row for the fused FFN: `dot` with f32 `x`, and `y += a * row`.
-#[inline]
-fn row_dot(w: WeightSlice<'_>, r: usize, cols: usize, x: &[f32]) -> f32 {
-    let span = r * cols..(r + 1) * cols;
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: simd() checked the CPU features; the row and x have `cols` elements.
-        return unsafe {
-            match w {
-                WeightSlice::F32(v) => x86::dot_f32(&v[span], x),
-                WeightSlice::BF16(v) => x86::dot_bf16(&v[span], x),
-                WeightSlice::F16(v) => x86::dot_f16(&v[span], x),
-            }
-        };
-    }
-    match w {
-        WeightSlice::F32(v) => dot_portable(&v[span], x),
-        WeightSlice::BF16(v) => dot_half(&v[span], x, |s, d| s.convert_to_f32_slice(d)),
-        WeightSlice::F16(v) => dot_half(&v[span], x, |s, d| s.convert_to_f32_slice(d)),
-    }
-}
-
-#[inline]
-fn row_axpy(w: WeightSlice<'_>, r: usize, cols: usize, a: f32, y: &mut [f32]) {
-    let span = r * cols..(r + 1) * cols;
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: simd() checked the CPU features; the row and y have `cols` elements.
-        return unsafe {
-            match w {
-                WeightSlice::F32(v) => x86::axpy_f32(a, &v[span], y),
-                WeightSlice::BF16(v) => x86::axpy_bf16(a, &v[span], y),
-                WeightSlice::F16(v) => x86::axpy_f16(a, &v[span], y),
-            }
-        };
-    }
-    match w {
-        WeightSlice::F32(v) => axpy_portable(a, &v[span], y),
-        WeightSlice::BF16(v) => axpy_half(a, &v[span], y, |s, d| s.convert_to_f32_slice(d)),
-        WeightSlice::F16(v) => axpy_half(a, &v[span], y, |s, d| s.convert_to_f32_slice(d)),
-    }
-}
-
 #[inline]
 fn axpy_half<T: Copy>(a: f32, row: &[T], y: &mut [f32], convert: impl Fn(&[T], &mut [f32])) {
     let mut buf = [0f32; 64];
@@ -196,30 +327,6 @@ fn axpy_half<T: Copy>(a: f32, row: &[T], y: &mut [f32], convert: impl Fn(&[T], &
         axpy_portable(a, b, ys);
     }
 }
-
-/// Asks the CPU to start loading row `r` (the first few cache lines; the hardware prefetcher
-/// follows on from there).
-#[inline(always)]
-fn prefetch_row(w: WeightSlice<'_>, r: usize, cols: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let (ptr, bytes) = match w {
-            WeightSlice::F32(v) => (v[r * cols..].as_ptr() as *const i8, cols * 4),
-            WeightSlice::BF16(v) => (v[r * cols..].as_ptr() as *const i8, cols * 2),
-            WeightSlice::F16(v) => (v[r * cols..].as_ptr() as *const i8, cols * 2),
-        };
-        for off in (0..bytes.min(PREFETCH_BYTES)).step_by(64) {
-            // SAFETY: prefetching is a hint; the address is inside the row (checked by the slicing above).
-            unsafe { _mm_prefetch(ptr.add(off), _MM_HINT_T0) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (w, r, cols);
-}
-
-/// How much of the next kept neuron's rows [`ffn_decode`] prefetches.
-const PREFETCH_BYTES: usize = 4096;
 
 /// The weights of one gated FFN for [`ffn_decode`]: `gate` and `up` are `n x d`, `down_t` is the
 /// down projection transposed, `n x d`, so that every neuron owns one contiguous row of each.
@@ -241,8 +348,11 @@ pub const MAX_FFN_CHUNKS: usize = 32;
 ///
 /// Each neuron reads its three weight rows once and nothing else is read, so the bytes read are
 /// proportional to the neurons kept. The neuron list is cut into fixed chunks whose partial sums
-/// are added in chunk order, so the result does not depend on thread scheduling.
+/// are added in chunk order, so the result does not depend on thread scheduling. `k` is the
+/// instruction-set path ([`kernels`] for the default).
+#[allow(clippy::too_many_arguments)]
 pub fn ffn_decode(
+    k: &Kernels,
     w: FfnWeights<'_>,
     n: usize,
     kept: Option<&[u32]>,
@@ -258,22 +368,39 @@ pub fn ffn_decode(
         return;
     }
     let neuron = |i: usize| kept.map_or(i, |k| k[i] as usize);
+    // Skipped neurons break the sequential stream the hardware prefetcher follows. Rows of at least
+    // PREFETCH_AHEAD bytes: the kernels prefetch on into the next kept neuron's rows. Shorter rows:
+    // the whole rows of the neuron `ahead` places on are prefetched here, a stream's worth ahead.
+    let row_bytes = d * w.gate.elem_bytes();
+    let ahead =
+        if kept.is_some() && row_bytes < PREFETCH_AHEAD { PREFETCH_AHEAD.div_ceil(row_bytes.max(1)) } else { 0 };
+    let prefetch = |j: usize| {
+        for wt in [w.gate, w.up, w.down_t] {
+            wt.prefetch_row(j, d);
+        }
+    };
     let work = |range: std::ops::Range<usize>, acc: &mut [f32]| {
         acc.fill(0.0);
         let end = range.end;
+        for i in range.start..(range.start + ahead).min(end) {
+            prefetch(neuron(i));
+        }
         for i in range {
             let j = neuron(i);
-            if kept.is_some() && i + 1 < end {
-                // Skipped neurons break the sequential stream the hardware prefetcher follows:
-                // start the next kept neuron's rows early.
-                let nj = neuron(i + 1);
-                for wt in [w.gate, w.up, w.down_t] {
-                    prefetch_row(wt, nj, d);
+            let next = match kept {
+                None => j + 1..n,
+                Some(_) if ahead > 0 => {
+                    if i + ahead < end {
+                        prefetch(neuron(i + ahead));
+                    }
+                    0..0
                 }
-            }
-            let g = row_dot(w.gate, j, d, x) + w.gate_bias.map_or(0.0, |b| b[j]);
-            let u = row_dot(w.up, j, d, x) + w.up_bias.map_or(0.0, |b| b[j]);
-            row_axpy(w.down_t, j, d, act(g) * u, acc);
+                Some(_) if i + 1 < end => neuron(i + 1)..neuron(i + 1) + 1,
+                Some(_) => 0..0,
+            };
+            let g = k.row_dot(w.gate, j, d, x, next.clone()) + w.gate_bias.map_or(0.0, |b| b[j]);
+            let u = k.row_dot(w.up, j, d, x, next.clone()) + w.up_bias.map_or(0.0, |b| b[j]);
+            k.row_axpy(w.down_t, j, d, act(g) * u, acc, next);
         }
     };
     // Each neuron costs 3 rows of d multiply-adds.
@@ -298,68 +425,40 @@ pub fn ffn_decode(
 mod tests {
     use super::*;
 
+    /// The paths this CPU runs; says which of the known ones it had to skip.
+    fn paths(test: &str) -> Vec<&'static Kernels> {
+        let all = available();
+        for name in PATHS {
+            if !all.iter().any(|k| k.name == name) {
+                eprintln!("{test}: skipped the {name} path: this CPU lacks its features");
+            }
+        }
+        all
+    }
+
     fn reference(w: &[f32], cols: usize, x: &[f32]) -> Vec<f32> {
         w.chunks(cols).map(|r| r.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32).collect()
     }
 
     #[test]
-    fn gemv_matches_reference_all_dtypes_and_odd_sizes() {
-        for &(rows, cols) in &[(1, 1), (3, 7), (17, 65), (300, 129), (1024, 300)] {
-            let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
-            let x: Vec<f32> = (0..cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
-            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-            let cases: [(WeightSlice, Vec<f32>); 3] = [
-                (WeightSlice::F32(&w), w.clone()),
-                (WeightSlice::BF16(&wb), wb.iter().map(|v| v.to_f32()).collect()),
-                (WeightSlice::F16(&wh), wh.iter().map(|v| v.to_f32()).collect()),
-            ];
-            for (ws, wf) in cases {
-                let mut out = vec![0f32; rows];
-                gemv(ws, cols, &x, &mut out);
-                let want = reference(&wf, cols, &x);
-                for (a, b) in out.iter().zip(&want) {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{rows}x{cols}: {a} vs {b}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn ffn_decode_matches_reference_dense_and_sparse() {
-        let act = |v: f32| v / (1.0 + (-v).exp());
-        for &(n, d) in &[(1, 3), (7, 5), (300, 33), (1000, 130)] {
-            let mk = |seed: usize, len: usize| -> Vec<f32> {
-                (0..len).map(|i| (((i * 31 + seed * 17) % 97) as f32 - 48.0) / 40.0).collect()
-            };
-            let (g, u, dt, x) = (mk(1, n * d), mk(2, n * d), mk(3, n * d), mk(4, d));
-            let kept: Vec<u32> = (0..n as u32).filter(|j| j % 3 != 1).collect();
-            for sel in [None, Some(&kept[..])] {
-                let mut want = vec![0f64; d];
-                let idx: Vec<usize> = sel.map_or((0..n).collect(), |k| k.iter().map(|&j| j as usize).collect());
-                for &j in &idx {
-                    let dg: f32 = g[j * d..(j + 1) * d].iter().zip(&x).map(|(a, b)| a * b).sum();
-                    let du: f32 = u[j * d..(j + 1) * d].iter().zip(&x).map(|(a, b)| a * b).sum();
-                    let a = act(dg) * du;
-                    for i in 0..d {
-                        want[i] += (a * dt[j * d + i]) as f64;
-                    }
-                }
-                let gb: Vec<bf16> = g.iter().map(|&v| bf16::from_f32(v)).collect();
-                let ub: Vec<bf16> = u.iter().map(|&v| bf16::from_f32(v)).collect();
-                let db: Vec<bf16> = dt.iter().map(|&v| bf16::from_f32(v)).collect();
-                let cases = [
-                    (WeightSlice::F32(&g), WeightSlice::F32(&u), WeightSlice::F32(&dt), 1e-3),
-                    (WeightSlice::BF16(&gb), WeightSlice::BF16(&ub), WeightSlice::BF16(&db), 0.1),
+    fn gemv_matches_reference_on_every_path_dtype_and_odd_size() {
+        for k in paths("gemv") {
+            for &(rows, cols) in &[(1, 1), (3, 7), (17, 65), (300, 129), (1024, 300)] {
+                let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+                let x: Vec<f32> = (0..cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+                let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+                let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+                let cases: [(WeightSlice, Vec<f32>); 3] = [
+                    (WeightSlice::F32(&w), w.clone()),
+                    (WeightSlice::BF16(&wb), wb.iter().map(|v| v.to_f32()).collect()),
+                    (WeightSlice::F16(&wh), wh.iter().map(|v| v.to_f32()).collect()),
                 ];
-                for (wg, wu, wd, tol) in cases {
-                    let w = FfnWeights { gate: wg, up: wu, down_t: wd, gate_bias: None, up_bias: None, d };
-                    let mut partials = vec![0f32; MAX_FFN_CHUNKS * d];
-                    let mut out = vec![0f32; d];
-                    ffn_decode(w, n, sel, &x, act, &mut partials, &mut out);
-                    let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
-                    for (o, w) in out.iter().zip(&want) {
-                        assert!(((*o as f64) - w).abs() <= tol * scale, "n={n} d={d}: {o} vs {w}");
+                for (ws, wf) in cases {
+                    let mut out = vec![0f32; rows];
+                    gemv_with(k, ws, cols, &x, &mut out);
+                    let want = reference(&wf, cols, &x);
+                    for (a, b) in out.iter().zip(&want) {
+                        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{} {rows}x{cols}: {a} vs {b}", k.name);
                     }
                 }
             }
@@ -367,67 +466,85 @@ mod tests {
     }
 
     #[test]
-    fn dot_and_axpy_match_reference_on_every_path_and_size() {
-        for n in [0usize, 1, 7, 8, 9, 31, 32, 33, 63, 64, 65, 100, 577] {
+    fn ffn_decode_matches_reference_dense_and_sparse_on_every_path_and_dtype() {
+        let act = |v: f32| v / (1.0 + (-v).exp());
+        for k in paths("ffn_decode") {
+            for &(n, d) in &[(1, 3), (7, 5), (300, 33), (1000, 130)] {
+                let mk = |seed: usize, len: usize| -> Vec<f32> {
+                    (0..len).map(|i| (((i * 31 + seed * 17) % 97) as f32 - 48.0) / 40.0).collect()
+                };
+                let (g, u, dt, x) = (mk(1, n * d), mk(2, n * d), mk(3, n * d), mk(4, d));
+                let kept: Vec<u32> = (0..n as u32).filter(|j| j % 3 != 1).collect();
+                let b = |v: &[f32]| v.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
+                let h = |v: &[f32]| v.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>();
+                let (gb, ub, db) = (b(&g), b(&u), b(&dt));
+                let (gh, uh, dh) = (h(&g), h(&u), h(&dt));
+                let widen = |w: WeightSlice<'_>| -> Vec<f32> {
+                    let mut v = vec![0f32; n * d];
+                    for r in 0..n {
+                        row_to_f32(w, r, d, &mut v[r * d..(r + 1) * d]);
+                    }
+                    v
+                };
+                let cases = [
+                    (WeightSlice::F32(&g), WeightSlice::F32(&u), WeightSlice::F32(&dt)),
+                    (WeightSlice::BF16(&gb), WeightSlice::BF16(&ub), WeightSlice::BF16(&db)),
+                    (WeightSlice::F16(&gh), WeightSlice::F16(&uh), WeightSlice::F16(&dh)),
+                ];
+                for (wg, wu, wd) in cases {
+                    // The reference uses the same (rounded) weights, in f64.
+                    let (g, u, dt) = (widen(wg), widen(wu), widen(wd));
+                    for sel in [None, Some(&kept[..])] {
+                        let mut want = vec![0f64; d];
+                        let idx: Vec<usize> = sel.map_or((0..n).collect(), |k| k.iter().map(|&j| j as usize).collect());
+                        for &j in &idx {
+                            let dotf = |w: &[f32]| -> f64 {
+                                w[j * d..(j + 1) * d].iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum()
+                            };
+                            let a = act(dotf(&g) as f32) as f64 * dotf(&u);
+                            for i in 0..d {
+                                want[i] += a * dt[j * d + i] as f64;
+                            }
+                        }
+                        let w = FfnWeights { gate: wg, up: wu, down_t: wd, gate_bias: None, up_bias: None, d };
+                        let mut partials = vec![0f32; MAX_FFN_CHUNKS * d];
+                        let mut out = vec![0f32; d];
+                        ffn_decode(k, w, n, sel, &x, act, &mut partials, &mut out);
+                        let scale = want.iter().fold(1f64, |m, v| m.max(v.abs()));
+                        for (o, w) in out.iter().zip(&want) {
+                            assert!(((*o as f64) - w).abs() <= 1e-4 * scale, "{} n={n} d={d}: {o} vs {w}", k.name);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dot_axpy_and_sum_match_reference_on_every_path_dtype_and_size() {
+        let all = paths("dot/axpy/sum");
+        for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 577, 1000] {
             let w: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0).collect();
             let x: Vec<f32> = (0..n).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
             let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-            let widen = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
-            let cases = [
-                (widen(&w), "f32"),
-                (wb.iter().map(|v| v.to_f32() as f64).collect(), "bf16"),
-                (wh.iter().map(|v| v.to_f32() as f64).collect(), "f16"),
-            ];
-            for (wf, name) in cases {
-                let want_dot: f64 = wf.iter().zip(&x).map(|(a, b)| a * *b as f64).sum();
-                let want_axpy: Vec<f64> = wf.iter().zip(&x).map(|(a, b)| *b as f64 + 0.5 * a).collect();
-                let tol = 1e-4 * (1.0 + wf.iter().zip(&x).map(|(a, b)| (a * *b as f64).abs()).sum::<f64>());
-                let mut paths: Vec<(&str, f32, Vec<f32>)> = vec![];
-                let mut y = x.clone();
-                let d = match name {
-                    "f32" => {
-                        axpy_portable(0.5, &w, &mut y);
-                        dot_portable(&w, &x)
-                    }
-                    "bf16" => {
-                        axpy_half(0.5, &wb, &mut y, |s, d| s.convert_to_f32_slice(d));
-                        dot_half(&wb, &x, |s, d| s.convert_to_f32_slice(d))
-                    }
-                    _ => {
-                        axpy_half(0.5, &wh, &mut y, |s, d| s.convert_to_f32_slice(d));
-                        dot_half(&wh, &x, |s, d| s.convert_to_f32_slice(d))
-                    }
-                };
-                paths.push(("portable", d, y));
-                #[cfg(target_arch = "x86_64")]
-                if simd() {
+            let slices = [WeightSlice::F32(&w), WeightSlice::BF16(&wb), WeightSlice::F16(&wh)];
+            let want_sum: f64 = w.iter().map(|&a| a as f64).sum();
+            for k in &all {
+                let s = k.sum(&w) as f64;
+                assert!((s - want_sum).abs() <= 1e-4 * (1.0 + want_sum.abs()), "{} sum n={n}: {s}", k.name);
+                for ws in slices {
+                    let mut wf = vec![0f32; n];
+                    row_to_f32(ws, 0, n, &mut wf);
+                    let want_dot: f64 = wf.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let tol = 1e-4 * (1.0 + wf.iter().zip(&x).map(|(a, b)| (a * b).abs() as f64).sum::<f64>());
+                    let d = k.row_dot(ws, 0, n, &x, 0..0) as f64;
+                    assert!((d - want_dot).abs() <= tol, "{} dot n={n}: {d} vs {want_dot}", k.name);
                     let mut y = x.clone();
-                    // SAFETY: simd() checked the CPU features.
-                    let d = unsafe {
-                        match name {
-                            "f32" => {
-                                x86::axpy_f32(0.5, &w, &mut y);
-                                x86::dot_f32(&w, &x)
-                            }
-                            "bf16" => {
-                                x86::axpy_bf16(0.5, &wb, &mut y);
-                                x86::dot_bf16(&wb, &x)
-                            }
-                            _ => {
-                                x86::axpy_f16(0.5, &wh, &mut y);
-                                x86::dot_f16(&wh, &x)
-                            }
-                        }
-                    };
-                    paths.push(("avx2+fma", d, y));
-                } else if n == 0 {
-                    eprintln!("skipped: this CPU has no AVX2+FMA+F16C, only the portable path was tested");
-                }
-                for (path, d, y) in paths {
-                    assert!((d as f64 - want_dot).abs() <= tol, "{path} {name} n={n}: dot {d} vs {want_dot}");
-                    for (a, b) in y.iter().zip(&want_axpy) {
-                        assert!((*a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()), "{path} {name} n={n}: axpy");
+                    k.row_axpy(ws, 0, n, 0.5, &mut y, 0..0);
+                    for ((a, xi), wi) in y.iter().zip(&x).zip(&wf) {
+                        let b = *xi as f64 + 0.5 * *wi as f64;
+                        assert!((*a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()), "{} axpy n={n}", k.name);
                     }
                 }
             }

@@ -1,6 +1,30 @@
-//! AVX2 + FMA (+ F16C) versions of the decode kernels' inner loops: dot products of a weight row
-//! (f32, bf16 or f16) with f32 activations, and `y += a * row`. Half-precision rows are widened in
-//! registers, never through a buffer. Callers check the CPU features first ([`super::simd`]).
+//! x86-64 versions of the decode kernels' inner loops, for AVX2 + FMA (+ F16C) and for AVX-512F:
+//! dot products of a weight row (f32, bf16 or f16) with f32 activations, `y += a * row`, and a
+//! plain sum (the streaming read of the bandwidth probe). Half-precision rows are widened in
+//! registers, never through a buffer. Callers check the CPU features first ([`super::kernels`]).
+//!
+//! Each loop also prefetches [`PREFETCH_AHEAD`] bytes ahead of its loads, running on from the end
+//! of its row into `next`, the row the caller reads after it (the following row for a GEMV, the
+//! next kept neuron's row for a sparse FFN): the rows of a sparse set then stream like one
+//! contiguous array, and no byte is fetched in vain.
+
+use super::PREFETCH_AHEAD;
+
+/// Prefetches the `lines` cache lines `PREFETCH_AHEAD` bytes after element `i` of `row`, reading
+/// on into `next` past the row's end.
+#[inline(always)]
+unsafe fn prefetch_ahead<T>(row: &[T], next: &[T], i: usize, lines: usize) {
+    let size = std::mem::size_of::<T>();
+    let (row_bytes, next_bytes) = (std::mem::size_of_val(row), std::mem::size_of_val(next));
+    for l in 0..lines {
+        let off = i * size + PREFETCH_AHEAD + 64 * l;
+        if off < row_bytes {
+            _mm_prefetch((row.as_ptr() as *const i8).add(off), _MM_HINT_T0);
+        } else if off - row_bytes < next_bytes {
+            _mm_prefetch((next.as_ptr() as *const i8).add(off - row_bytes), _MM_HINT_T0);
+        }
+    }
+}
 
 use half::{bf16, f16};
 use std::arch::x86_64::*;
@@ -17,28 +41,45 @@ unsafe fn hsum(v: __m256) -> f32 {
 /// 8 bf16 values at `p` as f32 (bf16 is the top half of an f32).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn load_bf16(p: *const bf16) -> __m256 {
+unsafe fn load8_bf16(p: *const bf16) -> __m256 {
     let h = _mm_loadu_si128(p as *const __m128i);
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_f16(p: *const f16) -> __m256 {
+unsafe fn load8_f16(p: *const f16) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
-macro_rules! dot_impl {
-    ($name:ident, $t:ty, $features:literal, $load:expr, $scalar:expr) => {
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load16_bf16(p: *const bf16) -> __m512 {
+    let h = _mm256_loadu_si256(p as *const __m256i);
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load16_f16(p: *const f16) -> __m512 {
+    _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+}
+
+/// AVX2 loops: 4 accumulators of 8 lanes, then 8 at a time, then scalar.
+macro_rules! avx2 {
+    ($dot:ident, $axpy:ident, $t:ty, $features:literal, $load:expr, $scalar:expr) => {
+        /// `a . b`, prefetching on into `next`.
         /// # Safety
         /// The CPU must have the enabled features; `a.len() == b.len()`.
         #[target_feature(enable = $features)]
-        pub unsafe fn $name(a: &[$t], b: &[f32]) -> f32 {
-            let n = a.len().min(b.len());
+        pub unsafe fn $dot(a: &[$t], b: &[f32], next: &[$t]) -> f32 {
+            let n = b.len();
+            debug_assert_eq!(a.len(), n);
             let (pa, pb) = (a.as_ptr(), b.as_ptr());
             let mut acc = [_mm256_setzero_ps(); 4];
             let mut i = 0;
             while i + 32 <= n {
+                prefetch_ahead(a, next, i, 32 * std::mem::size_of::<$t>() / 64);
                 for (k, s) in acc.iter_mut().enumerate() {
                     let o = i + 8 * k;
                     *s = _mm256_fmadd_ps($load(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *s);
@@ -51,40 +92,140 @@ macro_rules! dot_impl {
             }
             let mut s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
             while i < n {
-                s += $scalar(a[i]) * b[i];
+                s += $scalar(*a.get_unchecked(i)) * b[i];
                 i += 1;
             }
             s
         }
-    };
-}
 
-macro_rules! axpy_impl {
-    ($name:ident, $t:ty, $features:literal, $load:expr, $scalar:expr) => {
-        /// `y += a * x`.
+        /// `y += a * x`, prefetching on into `next`.
         /// # Safety
         /// The CPU must have the enabled features; `x.len() == y.len()`.
         #[target_feature(enable = $features)]
-        pub unsafe fn $name(a: f32, x: &[$t], y: &mut [f32]) {
-            let n = x.len().min(y.len());
+        pub unsafe fn $axpy(a: f32, x: &[$t], y: &mut [f32], next: &[$t]) {
+            let n = y.len();
+            debug_assert_eq!(x.len(), n);
             let (px, py) = (x.as_ptr(), y.as_mut_ptr());
             let va = _mm256_set1_ps(a);
             let mut i = 0;
+            while i + 32 <= n {
+                prefetch_ahead(x, next, i, 32 * std::mem::size_of::<$t>() / 64);
+                for k in 0..4 {
+                    let o = i + 8 * k;
+                    _mm256_storeu_ps(py.add(o), _mm256_fmadd_ps(va, $load(px.add(o)), _mm256_loadu_ps(py.add(o))));
+                }
+                i += 32;
+            }
             while i + 8 <= n {
                 _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(va, $load(px.add(i)), _mm256_loadu_ps(py.add(i))));
                 i += 8;
             }
             while i < n {
-                y[i] += a * $scalar(x[i]);
+                y[i] += a * $scalar(*x.get_unchecked(i));
                 i += 1;
             }
         }
     };
 }
 
-dot_impl!(dot_f32, f32, "avx2,fma", |p: *const f32| _mm256_loadu_ps(p), |v: f32| v);
-dot_impl!(dot_bf16, bf16, "avx2,fma", |p| load_bf16(p), |v: bf16| v.to_f32());
-dot_impl!(dot_f16, f16, "avx2,fma,f16c", |p| load_f16(p), |v: f16| v.to_f32());
-axpy_impl!(axpy_f32, f32, "avx2,fma", |p: *const f32| _mm256_loadu_ps(p), |v: f32| v);
-axpy_impl!(axpy_bf16, bf16, "avx2,fma", |p| load_bf16(p), |v: bf16| v.to_f32());
-axpy_impl!(axpy_f16, f16, "avx2,fma,f16c", |p| load_f16(p), |v: f16| v.to_f32());
+avx2!(dot_f32, axpy_f32, f32, "avx2,fma", |p: *const f32| _mm256_loadu_ps(p), |v: f32| v);
+avx2!(dot_bf16, axpy_bf16, bf16, "avx2,fma", |p| load8_bf16(p), |v: bf16| v.to_f32());
+avx2!(dot_f16, axpy_f16, f16, "avx2,fma,f16c", |p| load8_f16(p), |v: f16| v.to_f32());
+
+/// AVX-512 loops: 4 accumulators of 16 lanes, then 16 at a time; the last < 16 go to the AVX2 loop.
+macro_rules! avx512 {
+    ($dot:ident, $axpy:ident, $dot8:ident, $axpy8:ident, $t:ty, $load:expr) => {
+        /// `a . b`, prefetching on into `next`.
+        /// # Safety
+        /// The CPU must have AVX-512F, AVX2, FMA and F16C; `a.len() == b.len()`.
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        pub unsafe fn $dot(a: &[$t], b: &[f32], next: &[$t]) -> f32 {
+            let n = b.len();
+            debug_assert_eq!(a.len(), n);
+            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 64 <= n {
+                prefetch_ahead(a, next, i, 64 * std::mem::size_of::<$t>() / 64);
+                for (k, s) in acc.iter_mut().enumerate() {
+                    let o = i + 16 * k;
+                    *s = _mm512_fmadd_ps($load(pa.add(o)), _mm512_loadu_ps(pb.add(o)), *s);
+                }
+                i += 64;
+            }
+            while i + 16 <= n {
+                acc[0] = _mm512_fmadd_ps($load(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc[0]);
+                i += 16;
+            }
+            let s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+            s + $dot8(&a[i..], &b[i..n], &[])
+        }
+
+        /// `y += a * x`, prefetching on into `next`.
+        /// # Safety
+        /// The CPU must have AVX-512F, AVX2, FMA and F16C; `x.len() == y.len()`.
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        pub unsafe fn $axpy(a: f32, x: &[$t], y: &mut [f32], next: &[$t]) {
+            let n = y.len();
+            debug_assert_eq!(x.len(), n);
+            let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+            let va = _mm512_set1_ps(a);
+            let mut i = 0;
+            while i + 64 <= n {
+                prefetch_ahead(x, next, i, 64 * std::mem::size_of::<$t>() / 64);
+                for k in 0..4 {
+                    let o = i + 16 * k;
+                    _mm512_storeu_ps(py.add(o), _mm512_fmadd_ps(va, $load(px.add(o)), _mm512_loadu_ps(py.add(o))));
+                }
+                i += 64;
+            }
+            while i + 16 <= n {
+                _mm512_storeu_ps(py.add(i), _mm512_fmadd_ps(va, $load(px.add(i)), _mm512_loadu_ps(py.add(i))));
+                i += 16;
+            }
+            $axpy8(a, &x[i..], &mut y[i..n], &[]);
+        }
+    };
+}
+
+avx512!(dot_f32_512, axpy_f32_512, dot_f32, axpy_f32, f32, |p: *const f32| _mm512_loadu_ps(p));
+avx512!(dot_bf16_512, axpy_bf16_512, dot_bf16, axpy_bf16, bf16, |p| load16_bf16(p));
+avx512!(dot_f16_512, axpy_f16_512, dot_f16, axpy_f16, f16, |p| load16_f16(p));
+
+/// Sum of `a`, 32 floats per iteration, prefetching like the other loops (the bandwidth probe's
+/// read loop).
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn sum_f32(a: &[f32]) -> f32 {
+    let (n, p) = (a.len(), a.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        prefetch_ahead(a, &[], i, 2);
+        for (k, s) in acc.iter_mut().enumerate() {
+            *s = _mm256_add_ps(*s, _mm256_loadu_ps(p.add(i + 8 * k)));
+        }
+        i += 32;
+    }
+    hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + a[i..].iter().sum::<f32>()
+}
+
+/// Sum of `a`, 64 floats per iteration.
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn sum_f32_512(a: &[f32]) -> f32 {
+    let (n, p) = (a.len(), a.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        prefetch_ahead(a, &[], i, 4);
+        for (k, s) in acc.iter_mut().enumerate() {
+            *s = _mm512_add_ps(*s, _mm512_loadu_ps(p.add(i + 16 * k)));
+        }
+        i += 64;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
+        + a[i..].iter().sum::<f32>()
+}

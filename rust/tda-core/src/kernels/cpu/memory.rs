@@ -1,0 +1,41 @@
+//! Where decode's weights live. Decoding streams every weight once per token; a sparse decode jumps
+//! between the rows of kept neurons. With 4 KiB pages each jump is a new page and often a TLB miss,
+//! so weights are copied once at load time into memory the kernel is asked to back with 2 MiB pages
+//! (transparent huge pages, `madvise` mode on most Linux systems; elsewhere this is a plain copy).
+
+/// A copy of `src` in memory advised for huge pages.
+pub fn huge_page_copy<T: Copy>(src: &[T]) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(src.len());
+    advise_huge_pages(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(src));
+    v.extend_from_slice(src);
+    v
+}
+
+/// Asks the kernel to back the 2 MiB-aligned part of `[ptr, ptr + bytes)` with huge pages.
+fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (ptr as usize).div_ceil(HUGE) * HUGE;
+        let end = (ptr as usize + bytes) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: the range lies inside the allocation; madvise only changes paging hints and its
+            // failure (e.g. THP disabled) is harmless.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, bytes);
+}
+
+/// The same CPU tensor, its elements moved into memory advised for huge pages.
+pub fn on_huge_pages(t: candle_core::Tensor) -> crate::error::Result<candle_core::Tensor> {
+    use super::{with_weights, WeightSlice};
+    use candle_core::{Device, Tensor};
+    let shape = t.dims().to_vec();
+    Ok(with_weights(&t, |w| match w {
+        WeightSlice::F32(v) => Tensor::from_vec(huge_page_copy(v), shape, &Device::Cpu),
+        WeightSlice::BF16(v) => Tensor::from_vec(huge_page_copy(v), shape, &Device::Cpu),
+        WeightSlice::F16(v) => Tensor::from_vec(huge_page_copy(v), shape, &Device::Cpu),
+    })??)
+}
