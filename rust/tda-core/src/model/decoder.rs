@@ -189,7 +189,12 @@ impl Model {
 
             // FFN sub-block.
             layer.ffn_norm.forward(&st.x[..n * d], &mut st.xb[..n * d]);
-            let bufs = FfnBuffers { a: &mut st.ffn_a, u: &mut st.ffn_u, partials: &mut st.ffn_partials };
+            let bufs = FfnBuffers {
+                a: &mut st.ffn_a,
+                u: &mut st.ffn_u,
+                partials: &mut st.ffn_partials,
+                kept_rows: &mut st.ffn_kept_rows[li],
+            };
             layer.ffn.forward(&st.xb, n, li, mode, bufs, &mut st.stats, &st.mask, &mut st.out)?;
             if let Some(pn) = &layer.post_ffn_norm {
                 pn.forward_inplace(&mut st.out[..n * d]);

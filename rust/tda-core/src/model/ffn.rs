@@ -10,7 +10,7 @@
 use super::linear::{matmul, Linear};
 use crate::config::{Activation, ModelConfig};
 use crate::error::Result;
-use crate::kernels::cpu::{ffn_decode, kernels, on_huge_pages, with_weights, FfnWeights};
+use crate::kernels::cpu::{ffn_decode, kernels, on_huge_pages, with_weights, FfnWeights, RowCopy, PREFETCH_AHEAD};
 use crate::load::WeightSource;
 use crate::sparsity::{NeuronMask, NeuronStats};
 use candle_core::{DType, Tensor};
@@ -42,6 +42,27 @@ pub struct FfnBuffers<'a> {
     pub u: &'a mut [f32],
     /// Partial sums of the decode kernel.
     pub partials: &'a mut [f32],
+    /// This layer's compact copy of the kept neurons' rows (short rows only).
+    pub kept_rows: &'a mut KeptRows,
+}
+
+/// Rows shorter than this are decoded sparse from a compact copy ([`KeptRows`]).
+pub const COMPACT_BELOW_BYTES: usize = 2 * PREFETCH_AHEAD;
+
+/// A compact copy of the rows of a layer's kept neurons, for sparse decoding of FFNs whose rows
+/// are shorter than [`COMPACT_BELOW_BYTES`] (4 KiB): reading such rows in place, scattered, leaves the memory
+/// system idle between them (BENCHMARKS.md, kernels), while the copy streams. It is made at the
+/// first decode step after each selection (one pass over the kept bytes), lives in the run state,
+/// and is reused; larger models read the kept rows in place, as fast, with no copy.
+#[derive(Default)]
+pub struct KeptRows {
+    /// The [`NeuronMask::version`] the copy was made from.
+    version: Option<u64>,
+    gate: RowCopy,
+    up: RowCopy,
+    down_t: RowCopy,
+    gate_bias: Vec<f32>,
+    up_bias: Vec<f32>,
 }
 
 impl Ffn {
@@ -81,31 +102,32 @@ impl Ffn {
     ) -> Result<()> {
         let (n, d) = (self.neurons(), self.gate.in_dim);
         let act = self.act;
-        if rows == 1 {
+        if rows == 1 && mode != FfnMode::Observe {
             let kept = if mode == FfnMode::Sparse { mask.kept(layer) } else { None };
-            if mode != FfnMode::Observe {
-                let gb = self.gate.bias.as_deref();
-                let ub = self.up.bias.as_deref();
-                with_weights(&self.gate.weight, |wg| {
-                    with_weights(&self.up.weight, |wu| {
-                        with_weights(&self.down_t, |wd| {
-                            let w = FfnWeights { gate: wg, up: wu, down_t: wd, gate_bias: gb, up_bias: ub, d };
-                            ffn_decode(
-                                kernels(),
-                                w,
-                                n,
-                                kept,
-                                &x[..d],
-                                |v| activate(act, v),
-                                bufs.partials,
-                                &mut out[..d],
-                            );
-                        })
+            let mut decode = |w: FfnWeights<'_>, n: usize, kept: Option<&[u32]>, out: &mut [f32]| {
+                ffn_decode(kernels(), w, n, kept, &x[..d], |v| activate(act, v), bufs.partials, &mut out[..d])
+            };
+            let (gb, ub) = (self.gate.bias.as_deref(), self.up.bias.as_deref());
+            with_weights(&self.gate.weight, |wg| {
+                with_weights(&self.up.weight, |wu| {
+                    with_weights(&self.down_t, |wd| {
+                        let w = FfnWeights { gate: wg, up: wu, down_t: wd, gate_bias: gb, up_bias: ub, d };
+                        match kept {
+                            Some(k) if d * wg.elem_bytes() < COMPACT_BELOW_BYTES => {
+                                let c = bufs.kept_rows;
+                                if c.version != Some(mask.version()) {
+                                    c.fill(w, k);
+                                    c.version = Some(mask.version());
+                                }
+                                decode(c.weights(w, d), k.len(), None, out)
+                            }
+                            _ => decode(w, n, kept, out),
+                        }
                     })
-                })???;
-                self.add_down_bias(&mut out[..d]);
-                return Ok(());
-            }
+                })
+            })???;
+            self.add_down_bias(&mut out[..d]);
+            return Ok(());
         }
         let (a, u) = (&mut bufs.a[..rows * n], &mut bufs.u[..rows * n]);
         self.gate.forward(x, rows, a)?;
@@ -142,6 +164,33 @@ pub fn activate(act: Activation, x: f32) -> f32 {
         Activation::GeluTanh => {
             const C: f32 = 0.797_884_6; // sqrt(2 / pi)
             0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+        }
+    }
+}
+
+impl KeptRows {
+    /// Copies the rows (and biases) of the neurons `kept` of `w`.
+    fn fill(&mut self, w: FfnWeights<'_>, kept: &[u32]) {
+        self.gate.fill(w.gate, kept, w.d);
+        self.up.fill(w.up, kept, w.d);
+        self.down_t.fill(w.down_t, kept, w.d);
+        let pick = |b: Option<&[f32]>, dst: &mut Vec<f32>| {
+            dst.clear();
+            dst.extend(b.iter().flat_map(|b| kept.iter().map(|&j| b[j as usize])));
+        };
+        pick(w.gate_bias, &mut self.gate_bias);
+        pick(w.up_bias, &mut self.up_bias);
+    }
+
+    /// The copy as FFN weights (biases as in `like`).
+    fn weights(&self, like: FfnWeights<'_>, d: usize) -> FfnWeights<'_> {
+        FfnWeights {
+            gate: self.gate.rows(),
+            up: self.up.rows(),
+            down_t: self.down_t.rows(),
+            gate_bias: like.gate_bias.map(|_| &self.gate_bias[..]),
+            up_bias: like.up_bias.map(|_| &self.up_bias[..]),
+            d,
         }
     }
 }

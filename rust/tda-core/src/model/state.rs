@@ -1,6 +1,7 @@
 //! Preallocated run state: activation buffers for up to `rows` tokens, the KV cache, and the rope
 //! tables for `capacity` positions. Decoding reuses it token after token without allocating.
 
+use super::ffn::KeptRows;
 use super::kv_cache::KvCache;
 use super::rope::RopeTable;
 use crate::config::ModelConfig;
@@ -25,6 +26,8 @@ pub struct State {
     pub ffn_u: Vec<f32>,
     /// Partial sums of the decode FFN kernel, `MAX_FFN_CHUNKS x hidden`.
     pub ffn_partials: Vec<f32>,
+    /// Per layer, the compact copy of the kept neurons' rows (filled only for short rows).
+    pub ffn_kept_rows: Vec<KeptRows>,
     /// Statistics of the prompt's FFN activations (filled by an observing prefill).
     pub stats: NeuronStats,
     /// The neurons sparse decoding keeps.
@@ -51,6 +54,7 @@ impl State {
             ffn_a: vec![0.0; rows * n],
             ffn_u: vec![0.0; rows * n],
             ffn_partials: vec![0.0; MAX_FFN_CHUNKS * d],
+            ffn_kept_rows: (0..cfg.num_layers).map(|_| KeptRows::default()).collect(),
             stats: NeuronStats::new(cfg.num_layers, n),
             mask: NeuronMask::new(cfg.num_layers, n),
             logits: vec![0.0; cfg.vocab_size],

@@ -34,6 +34,8 @@ pub struct NeuronMask {
     scratch: Vec<f32>,
     order: Vec<u32>,
     taus: Vec<f32>,
+    /// Bumped on every change of the kept sets, so that copies made from them know they are stale.
+    version: u64,
 }
 
 impl NeuronMask {
@@ -46,17 +48,25 @@ impl NeuronMask {
             scratch: Vec::with_capacity(n),
             order: Vec::with_capacity(n),
             taus: Vec::with_capacity(layers),
+            version: 0,
         }
+    }
+
+    /// Changes with every selection (see [`crate::model::ffn::KeptRows`]).
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// Keep everything.
     pub fn set_dense(&mut self) {
+        self.version += 1;
         self.all.fill(true);
         self.keep_row.iter_mut().for_each(|r| r.fill(1.0));
     }
 
     /// Chooses the kept neurons of every layer from the prompt statistics.
     pub fn select(&mut self, sel: &Selector<'_>, stats: &NeuronStats) -> Result<()> {
+        self.version += 1;
         let layers = self.kept.len();
         match sel {
             Selector::Dense => {

@@ -39,3 +39,56 @@ pub fn on_huge_pages(t: candle_core::Tensor) -> crate::error::Result<candle_core
         WeightSlice::F16(v) => Tensor::from_vec(huge_page_copy(v), shape, &Device::Cpu),
     })??)
 }
+
+/// Weight rows owned in one of the weight dtypes: a compact copy of some rows of a matrix.
+/// Its buffer only grows (on huge pages), so refilling it allocates nothing once it is big enough.
+#[derive(Default)]
+pub struct RowCopy {
+    f32: Vec<f32>,
+    bf16: Vec<half::bf16>,
+    f16: Vec<half::f16>,
+    /// Which of the three holds the rows.
+    dtype: Option<candle_core::DType>,
+}
+
+impl RowCopy {
+    /// Replaces the contents with `rows` of `w` (a matrix with `cols` columns), in order.
+    pub fn fill(&mut self, w: super::WeightSlice<'_>, rows: &[u32], cols: usize) {
+        fn gather<T: Copy>(dst: &mut Vec<T>, src: &[T], rows: &[u32], cols: usize) {
+            dst.clear();
+            if dst.capacity() < rows.len() * cols {
+                *dst = Vec::with_capacity(rows.len() * cols);
+                advise_huge_pages(dst.as_mut_ptr() as *mut u8, rows.len() * cols * std::mem::size_of::<T>());
+            }
+            for &r in rows {
+                dst.extend_from_slice(&src[r as usize * cols..(r as usize + 1) * cols]);
+            }
+        }
+        use super::WeightSlice::*;
+        use candle_core::DType;
+        self.dtype = Some(match w {
+            F32(v) => {
+                gather(&mut self.f32, v, rows, cols);
+                DType::F32
+            }
+            BF16(v) => {
+                gather(&mut self.bf16, v, rows, cols);
+                DType::BF16
+            }
+            F16(v) => {
+                gather(&mut self.f16, v, rows, cols);
+                DType::F16
+            }
+        });
+    }
+
+    /// The rows copied last.
+    pub fn rows(&self) -> super::WeightSlice<'_> {
+        use super::WeightSlice::*;
+        match self.dtype {
+            Some(candle_core::DType::BF16) => BF16(&self.bf16),
+            Some(candle_core::DType::F16) => F16(&self.f16),
+            _ => F32(&self.f32),
+        }
+    }
+}

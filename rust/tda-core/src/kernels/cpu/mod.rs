@@ -36,7 +36,7 @@ mod memory;
 mod x86;
 
 pub use gemm::matmul;
-pub use memory::{huge_page_copy, on_huge_pages};
+pub use memory::{huge_page_copy, on_huge_pages, RowCopy};
 
 /// One instruction-set path of the inner loops: dot products of a weight row with f32 activations,
 /// `y += a * row`, and a plain sum, for f32, bf16 and f16 rows. A table is only handed out
