@@ -82,9 +82,13 @@ impl Attention {
         let (qd, kvd, hd) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim);
         let (q, k, v, ctx) =
             (&mut b.q[..rows * qd], &mut b.k[..rows * kvd], &mut b.v[..rows * kvd], &mut b.ctx[..rows * qd]);
-        self.q_proj.forward(x, rows, q)?;
-        self.k_proj.forward(x, rows, k)?;
-        self.v_proj.forward(x, rows, v)?;
+        if rows == 1 {
+            Linear::forward3([&self.q_proj, &self.k_proj, &self.v_proj], x, [&mut *q, &mut *k, &mut *v])?;
+        } else {
+            self.q_proj.forward(x, rows, q)?;
+            self.k_proj.forward(x, rows, k)?;
+            self.v_proj.forward(x, rows, v)?;
+        }
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             qn.forward_inplace(q);
             kn.forward_inplace(k);

@@ -3,7 +3,7 @@
 use crate::error::Result;
 use crate::kernels::{
     self,
-    cpu::{gemv, on_huge_pages, with_weights},
+    cpu::{gemv, gemv_many, on_huge_pages, with_weights},
 };
 use crate::load::WeightSource;
 use candle_core::{DType, Tensor};
@@ -30,6 +30,34 @@ impl Linear {
         Ok(Self { weight, bias, in_dim, out_dim })
     }
 
+    /// One token through three projections of the same input (q, k and v) in one parallel dispatch.
+    pub fn forward3(ps: [&Linear; 3], x: &[f32], outs: [&mut [f32]; 3]) -> Result<()> {
+        let d = ps[0].in_dim;
+        let [o0, o1, o2] = outs;
+        let (o0, o1, o2) = (&mut o0[..ps[0].out_dim], &mut o1[..ps[1].out_dim], &mut o2[..ps[2].out_dim]);
+        with_weights(&ps[0].weight, |w0| {
+            with_weights(&ps[1].weight, |w1| {
+                with_weights(&ps[2].weight, |w2| {
+                    gemv_many(d, &x[..d], &mut [(w0, &mut *o0), (w1, &mut *o1), (w2, &mut *o2)])
+                })
+            })
+        })???;
+        for (p, o) in ps.iter().zip([o0, o1, o2]) {
+            p.add_bias(o);
+        }
+        Ok(())
+    }
+
+    fn add_bias(&self, out: &mut [f32]) {
+        if let Some(b) = &self.bias {
+            for row in out.chunks_mut(self.out_dim) {
+                for (o, bi) in row.iter_mut().zip(b) {
+                    *o += bi;
+                }
+            }
+        }
+    }
+
     /// `x` holds `rows` rows of `in_dim`; `out` receives `rows` rows of `out_dim`.
     pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
         let (x, out) = (&x[..rows * self.in_dim], &mut out[..rows * self.out_dim]);
@@ -38,13 +66,7 @@ impl Linear {
         } else {
             matmul(x, rows, &self.weight, true, out)?;
         }
-        if let Some(b) = &self.bias {
-            for row in out.chunks_mut(self.out_dim) {
-                for (o, bi) in row.iter_mut().zip(b) {
-                    *o += bi;
-                }
-            }
-        }
+        self.add_bias(out);
         Ok(())
     }
 }

@@ -298,6 +298,13 @@ pub fn gemv(w: WeightSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
     gemv_with(kernels(), w, cols, x, out)
 }
 
+/// Several matrix-vector products with the same `x` (e.g. the q, k and v projections) as one
+/// parallel dispatch: one fork-join per token instead of one per matrix.
+pub fn gemv_many(cols: usize, x: &[f32], parts: &mut [(WeightSlice<'_>, &mut [f32])]) {
+    let k = kernels();
+    parts.par_iter_mut().for_each(|(w, out)| gemv_with(k, *w, cols, x, out));
+}
+
 /// [`gemv`] on a given path.
 pub fn gemv_with(k: &Kernels, w: WeightSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
     let rows = out.len();
