@@ -7,7 +7,7 @@
 //!   [`FfnMode::Sparse`] zeroes the skipped neurons' columns of `A`;
 //! - one row (decode): [`ffn_decode`] reads the three rows of each kept neuron and nothing else.
 
-use super::linear::{matmul, Linear};
+use super::linear::{load_vector, matmul, Linear};
 use crate::config::{Activation, ModelConfig};
 use crate::error::Result;
 use crate::kernels::cpu::{ffn_decode, kernels, on_huge_pages, with_weights, FfnWeights, RowCopy, PREFETCH_AHEAD};
@@ -68,12 +68,13 @@ pub struct KeptRows {
 impl Ffn {
     pub fn load(src: &dyn WeightSource, p: &str, cfg: &ModelConfig, dtype: DType) -> Result<Self> {
         let (d, n, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        let down = Linear::load(src, &format!("{p}.down_proj"), n, d, b, dtype)?;
+        // Wd is read once from the source and transposed straight into its huge-page copy.
+        let down = src.tensor(&format!("{p}.down_proj.weight"), &[d, n], dtype)?;
         Ok(Self {
             gate: Linear::load(src, &format!("{p}.gate_proj"), d, n, b, dtype)?,
             up: Linear::load(src, &format!("{p}.up_proj"), d, n, b, dtype)?,
-            down_t: on_huge_pages(down.weight.t()?.contiguous()?)?,
-            down_bias: down.bias,
+            down_t: on_huge_pages(down.t()?.contiguous()?)?,
+            down_bias: b.then(|| load_vector(src, &format!("{p}.down_proj.bias"), d)).transpose()?,
             act: cfg.act,
         })
     }

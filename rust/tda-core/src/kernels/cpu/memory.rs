@@ -3,10 +3,16 @@
 //! so weights are copied once at load time into memory the kernel is asked to back with 2 MiB pages
 //! (transparent huge pages, `madvise` mode on most Linux systems; elsewhere this is a plain copy).
 
+/// An empty vector with room for `len` elements, in memory advised for huge pages.
+fn huge_page_vec<T>(len: usize) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    advise_huge_pages(v.as_mut_ptr() as *mut u8, len * std::mem::size_of::<T>());
+    v
+}
+
 /// A copy of `src` in memory advised for huge pages.
 pub fn huge_page_copy<T: Copy>(src: &[T]) -> Vec<T> {
-    let mut v: Vec<T> = Vec::with_capacity(src.len());
-    advise_huge_pages(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(src));
+    let mut v = huge_page_vec(src.len());
     v.extend_from_slice(src);
     v
 }
@@ -42,13 +48,16 @@ pub fn on_huge_pages(t: candle_core::Tensor) -> crate::error::Result<candle_core
 
 /// Weight rows owned in one of the weight dtypes: a compact copy of some rows of a matrix.
 /// Its buffer only grows (on huge pages), so refilling it allocates nothing once it is big enough.
-#[derive(Default)]
-pub struct RowCopy {
-    f32: Vec<f32>,
-    bf16: Vec<half::bf16>,
-    f16: Vec<half::f16>,
-    /// Which of the three holds the rows.
-    dtype: Option<candle_core::DType>,
+pub enum RowCopy {
+    F32(Vec<f32>),
+    BF16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
+
+impl Default for RowCopy {
+    fn default() -> Self {
+        RowCopy::F32(Vec::new())
+    }
 }
 
 impl RowCopy {
@@ -57,38 +66,36 @@ impl RowCopy {
         fn gather<T: Copy>(dst: &mut Vec<T>, src: &[T], rows: &[u32], cols: usize) {
             dst.clear();
             if dst.capacity() < rows.len() * cols {
-                *dst = Vec::with_capacity(rows.len() * cols);
-                advise_huge_pages(dst.as_mut_ptr() as *mut u8, rows.len() * cols * std::mem::size_of::<T>());
+                *dst = huge_page_vec(rows.len() * cols);
             }
             for &r in rows {
                 dst.extend_from_slice(&src[r as usize * cols..(r as usize + 1) * cols]);
             }
         }
-        use super::WeightSlice::*;
-        use candle_core::DType;
-        self.dtype = Some(match w {
-            F32(v) => {
-                gather(&mut self.f32, v, rows, cols);
-                DType::F32
+        use super::WeightSlice as W;
+        match (&mut *self, w) {
+            (RowCopy::F32(dst), W::F32(v)) => gather(dst, v, rows, cols),
+            (RowCopy::BF16(dst), W::BF16(v)) => gather(dst, v, rows, cols),
+            (RowCopy::F16(dst), W::F16(v)) => gather(dst, v, rows, cols),
+            // First fill, or another dtype: start a buffer of the right type.
+            (_, w) => {
+                *self = match w {
+                    W::F32(_) => RowCopy::F32(Vec::new()),
+                    W::BF16(_) => RowCopy::BF16(Vec::new()),
+                    W::F16(_) => RowCopy::F16(Vec::new()),
+                };
+                self.fill(w, rows, cols)
             }
-            BF16(v) => {
-                gather(&mut self.bf16, v, rows, cols);
-                DType::BF16
-            }
-            F16(v) => {
-                gather(&mut self.f16, v, rows, cols);
-                DType::F16
-            }
-        });
+        }
     }
 
     /// The rows copied last.
     pub fn rows(&self) -> super::WeightSlice<'_> {
-        use super::WeightSlice::*;
-        match self.dtype {
-            Some(candle_core::DType::BF16) => BF16(&self.bf16),
-            Some(candle_core::DType::F16) => F16(&self.f16),
-            _ => F32(&self.f32),
+        use super::WeightSlice as W;
+        match self {
+            RowCopy::F32(v) => W::F32(v),
+            RowCopy::BF16(v) => W::BF16(v),
+            RowCopy::F16(v) => W::F16(v),
         }
     }
 }

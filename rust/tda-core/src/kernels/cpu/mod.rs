@@ -268,26 +268,6 @@ impl WeightSlice<'_> {
             _ => 2,
         }
     }
-
-    /// Asks the CPU to start loading row `r` (every cache line of it).
-    #[inline(always)]
-    fn prefetch_row(&self, r: usize, cols: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let ptr = match self {
-                WeightSlice::F32(v) => v[r * cols..].as_ptr() as *const i8,
-                WeightSlice::BF16(v) => v[r * cols..].as_ptr() as *const i8,
-                WeightSlice::F16(v) => v[r * cols..].as_ptr() as *const i8,
-            };
-            for off in (0..cols * self.elem_bytes()).step_by(64) {
-                // SAFETY: prefetching is a hint; the address is inside row r (checked by the slicing).
-                unsafe { _mm_prefetch(ptr.add(off), _MM_HINT_T0) };
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (r, cols);
-    }
 }
 
 /// Work per rayon task, in multiply-adds; below it a matrix-vector product runs on one thread.
@@ -375,33 +355,16 @@ pub fn ffn_decode(
         return;
     }
     let neuron = |i: usize| kept.map_or(i, |k| k[i] as usize);
-    // Skipped neurons break the sequential stream the hardware prefetcher follows. Rows of at least
-    // PREFETCH_AHEAD bytes: the kernels prefetch on into the next kept neuron's rows. Shorter rows:
-    // the whole rows of the neuron `ahead` places on are prefetched here, a stream's worth ahead.
-    let row_bytes = d * w.gate.elem_bytes();
-    let ahead =
-        if kept.is_some() && row_bytes < PREFETCH_AHEAD { PREFETCH_AHEAD.div_ceil(row_bytes.max(1)) } else { 0 };
-    let prefetch = |j: usize| {
-        for wt in [w.gate, w.up, w.down_t] {
-            wt.prefetch_row(j, d);
-        }
-    };
+    // Skipped neurons break the sequential stream the hardware prefetcher follows: the kernels
+    // prefetch on into the next kept neuron's rows. (Rows much shorter than PREFETCH_AHEAD still
+    // stream poorly this way; the model decodes those from a compact copy, `model::ffn::KeptRows`.)
     let work = |range: std::ops::Range<usize>, acc: &mut [f32]| {
         acc.fill(0.0);
         let end = range.end;
-        for i in range.start..(range.start + ahead).min(end) {
-            prefetch(neuron(i));
-        }
         for i in range {
             let j = neuron(i);
             let next = match kept {
                 None => j + 1..n,
-                Some(_) if ahead > 0 => {
-                    if i + ahead < end {
-                        prefetch(neuron(i + ahead));
-                    }
-                    0..0
-                }
                 Some(_) if i + 1 < end => neuron(i + 1)..neuron(i + 1) + 1,
                 Some(_) => 0..0,
             };
