@@ -2,8 +2,10 @@
 //! that decoding is measured against) and a description of the machine.
 
 use rayon::prelude::*;
+use std::sync::Arc;
 use std::time::Instant;
 use tda_core::kernels::cpu::kernels;
+use tda_core::kernels::Backend;
 
 /// A buffer much larger than the last-level cache, read end to end by all threads with the
 /// fastest vectorised sum this CPU has. Its best pass is the machine's streaming read bandwidth
@@ -53,4 +55,51 @@ pub fn machine() -> serde_json::Value {
         "cpu": field("model name"), "simd": have, "threads": rayon::current_num_threads(),
         "kernels": kernels().name,
     })
+}
+
+/// The roofline of a device: the CPU's streaming read bandwidth, or on a GPU the bandwidth of a
+/// device-to-device copy (bytes read plus bytes written per second), the highest rate a plain
+/// stream of HBM reaches there.
+pub enum Bandwidth {
+    Host(Roofline),
+    #[cfg(feature = "cuda")]
+    Cuda {
+        be: Arc<tda_core::kernels::cuda::CudaBackend>,
+        bytes: usize,
+    },
+}
+
+impl Bandwidth {
+    /// The best of `passes`, in GB/s.
+    pub fn measure(&self, passes: usize) -> f64 {
+        match self {
+            Bandwidth::Host(r) => r.measure(passes),
+            #[cfg(feature = "cuda")]
+            Bandwidth::Cuda { be, bytes } => be.copy_bandwidth(*bytes, passes.max(1)).unwrap_or(f64::NAN),
+        }
+    }
+
+    /// What the number is, for the report.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Bandwidth::Host(_) => "streaming read, all threads",
+            #[cfg(feature = "cuda")]
+            Bandwidth::Cuda { .. } => "device-to-device copy, (read + write) / time",
+        }
+    }
+}
+
+/// The backend of `device` (`cpu`, `cuda`, `cuda:N`) and its roofline probe over `mib` MiB.
+pub fn device(device: &str, mib: usize) -> tda_core::Result<(Arc<dyn Backend>, Bandwidth)> {
+    #[cfg(feature = "cuda")]
+    if let Some(rest) = device.strip_prefix("cuda") {
+        let ordinal = rest
+            .strip_prefix(':')
+            .map_or(Ok(0), |i| i.parse::<usize>())
+            .map_err(|_| tda_core::Error::arg(format!("unknown device '{device}'")))?;
+        let be = Arc::new(tda_core::kernels::cuda::CudaBackend::new(ordinal)?);
+        return Ok((be.clone(), Bandwidth::Cuda { be, bytes: mib << 20 }));
+    }
+    let be = tda_core::engine::backend(device)?;
+    Ok((be, Bandwidth::Host(Roofline::new(mib))))
 }

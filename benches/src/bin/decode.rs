@@ -5,7 +5,12 @@
 //! cargo run --release -p tda-bench --bin decode -- (--preset smollm2-135m [--layers N] | --model PATH)
 //!     [--dtype f32,bf16,f16] [--sparsity dense,tda:0.7,tda:0.5,tda:0.3,griffin:0.5]
 //!     [--prompt-tokens 128] [--new-tokens 64] [--repeat 3] [--roofline-mib 1024]
+//!     [--device cpu|cuda|cuda:N] [--json PATH]
 //! ```
+//!
+//! On a GPU (`--device cuda`, a build with the `cuda` feature) the preset's random weights are made
+//! on the device, and the roofline is the bandwidth of a device-to-device copy of `--roofline-mib`
+//! MiB, (bytes read + bytes written) / time, measured around every timed decode like the CPU's.
 //!
 //! For every configuration it reports the kept FFN neurons, the weight bytes one decode step reads
 //! (attention, norms and LM head included), prefill and decode tok/s, the decode speedup over dense
@@ -21,7 +26,8 @@
 
 use std::path::PathBuf;
 use std::time::Instant;
-use tda_bench::{machine, Roofline};
+use tda_bench::machine;
+use tda_core::kernels::Draw;
 use tda_core::load::synthetic::{preset_config, RandomWeights, PRESETS};
 use tda_core::model::{FfnMode, Logits, Model, State};
 use tda_core::sparsity::calibrate::LengthProfile;
@@ -37,11 +43,13 @@ struct Args {
     dtypes: Vec<String>,
     sparsity: Vec<String>,
     roofline_mib: usize,
+    device: String,
+    json: Option<PathBuf>,
 }
 
 const USAGE: &str = "usage: decode (--preset NAME [--layers N] | --model PATH) [--dtype f32,bf16,f16] \
      [--sparsity dense,tda:0.5,griffin:0.5] [--prompt-tokens N] [--new-tokens N] [--repeat N] \
-     [--roofline-mib N]";
+     [--roofline-mib N] [--device cpu|cuda[:N]] [--json PATH]";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -54,6 +62,8 @@ fn parse_args() -> Result<Args, String> {
         dtypes: vec!["f32".into()],
         sparsity: vec!["dense".into()],
         roofline_mib: 1024,
+        device: "cpu".into(),
+        json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -67,6 +77,8 @@ fn parse_args() -> Result<Args, String> {
             "--new-tokens" => a.new_tokens = num(val()?, "--new-tokens")?,
             "--repeat" => a.repeat = num(val()?, "--repeat")?,
             "--roofline-mib" => a.roofline_mib = num(val()?, "--roofline-mib")?,
+            "--device" => a.device = val()?,
+            "--json" => a.json = Some(PathBuf::from(val()?)),
             "--dtype" => a.dtypes = val()?.split(',').map(str::to_string).collect(),
             "--sparsity" => a.sparsity = val()?.split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
@@ -118,6 +130,16 @@ fn spec(s: &str, profile: &LengthProfile, layers: usize) -> Sparsity {
     }
 }
 
+/// The greedy next token: on the device when the logits live there (only the id is read back).
+fn greedy(model: &Model, st: &mut State, v: usize) -> u32 {
+    if model.samples_on_device() {
+        let draw = Draw { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, u: 0.0 };
+        return model.sample_on_device(st, &draw).unwrap_or_else(|e| fail(e)).unwrap_or(0);
+    }
+    let l = model.host_logits(st).unwrap_or_else(|e| fail(e));
+    (0..v).max_by(|&a, &b| l[a].total_cmp(&l[b]).then(b.cmp(&a))).unwrap_or(0) as u32
+}
+
 /// Dense prefill (observing when sparse), mask, then `new` decode steps; (prefill s, decode s, kept).
 fn run(model: &Model, st: &mut State, prompt: &[u32], new: usize, sp: &Sparsity) -> (f64, f64, Vec<usize>) {
     let v = model.cfg.vocab_size;
@@ -128,13 +150,12 @@ fn run(model: &Model, st: &mut State, prompt: &[u32], new: usize, sp: &Sparsity)
     model.forward(prompt, 0, st, mode, Logits::Last).unwrap_or_else(|e| fail(e));
     st.mask.select(&sp.selector().unwrap_or_else(|e| fail(e)), &st.stats).unwrap_or_else(|e| fail(e));
     let prefill = t0.elapsed().as_secs_f64();
-    let argmax = |l: &[f32]| (0..v).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap_or(0) as u32;
-    let mut tok = argmax(&st.logits);
+    let mut tok = greedy(model, st, v);
     let mode = if dense { FfnMode::Dense } else { FfnMode::Sparse };
     let t1 = Instant::now();
     for i in 0..new {
         model.forward(&[tok], prompt.len() + i, st, mode, Logits::Last).unwrap_or_else(|e| fail(e));
-        tok = argmax(&st.logits);
+        tok = greedy(model, st, v);
     }
     (prefill, t1.elapsed().as_secs_f64(), st.mask.counts())
 }
@@ -142,7 +163,7 @@ fn run(model: &Model, st: &mut State, prompt: &[u32], new: usize, sp: &Sparsity)
 fn main() {
     let args = parse_args().unwrap_or_else(|e| fail(e));
     let threads = rayon::current_num_threads();
-    let roof = Roofline::new(args.roofline_mib);
+    let (be, roof) = tda_bench::device(&args.device, args.roofline_mib).unwrap_or_else(|e| fail(e));
     let name = args.model.as_ref().map_or_else(|| args.preset.clone().unwrap_or_default(), |p| p.display().to_string());
     let mut rows = Vec::new();
     let mut overheads = Vec::new();
@@ -151,21 +172,21 @@ fn main() {
         let synthetic;
         let model: &Model = match (&args.model, &args.preset) {
             (Some(path), _) => {
-                engine = Engine::from_pretrained(path, "cpu", dtype).unwrap_or_else(|e| fail(e));
+                engine = Engine::from_pretrained(path, &args.device, dtype).unwrap_or_else(|e| fail(e));
                 engine.model()
             }
             (None, Some(p)) => {
                 let cfg = preset_config(p, args.layers).unwrap_or_else(|e| fail(e));
                 let dt =
                     tda_core::engine::parse_dtype(dtype).unwrap_or_else(|e| fail(e)).unwrap_or(candle_core::DType::F32);
-                synthetic = Model::load(cfg, &RandomWeights { seed: 7 }, dt).unwrap_or_else(|e| fail(e));
+                synthetic = Model::load(cfg, &RandomWeights { seed: 7 }, dt, be.clone()).unwrap_or_else(|e| fail(e));
                 &synthetic
             }
             _ => unreachable!(),
         };
         let (vocab, layers) = (model.cfg.vocab_size, model.cfg.num_layers);
         let p = args.prompt_tokens;
-        let mut st = model.new_state(p, p + args.new_tokens + 1);
+        let mut st = model.new_state(p, p + args.new_tokens + 1).unwrap_or_else(|e| fail(e));
         let windows: Vec<Vec<u32>> = (1..=4).map(|s| tokens(p, vocab, s)).collect();
         let profile = LengthProfile::collect(model, &mut st, &windows, &[p]).unwrap_or_else(|e| fail(e));
         let specs: Vec<(String, Sparsity)> =
@@ -224,6 +245,7 @@ fn main() {
 
     let m = machine();
     println!("machine: {} ({}), kernels {}", m["cpu"].as_str().unwrap_or(""), m["simd"], m["kernels"]);
+    println!("device {}, roofline: {}", be.device(), roof.kind());
     println!("model {name}, {threads} threads, prompt {} tokens, {} new tokens", args.prompt_tokens, args.new_tokens);
     println!(
         "{:<6} {:<12} {:>6} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>8} {:>7} {:>8}",
@@ -271,7 +293,7 @@ fn main() {
             "weight_bytes_per_token": r.bytes, "prefill_tok_s": r.prefill_tok_s, "decode_tok_s": r.decode_tok_s,
             "achieved_gb_s": achieved, "roofline_gb_s": roofline, "roofline_before_gb_s": r.roofline.0,
             "roofline_after_gb_s": r.roofline.1, "fraction_of_roofline": achieved / roofline,
-            "machine": m, "speedup_vs_dense": speedup,
+            "machine": m, "device": be.device(), "roofline_kind": roof.kind(), "speedup_vs_dense": speedup,
             "ideal_speedup": ideal, "fraction_of_ideal": speedup / ideal,
         }));
     }
@@ -288,7 +310,9 @@ fn main() {
             "best_plain_s": plain, "best_observing_s": observed, "median_overhead": median - 1.0, "pairs": pairs,
         }));
     }
-    for j in json_lines {
-        println!("{j}");
+    let text: String = json_lines.iter().map(|j| format!("{j}\n")).collect();
+    print!("{text}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, text).unwrap_or_else(|e| fail(format!("{}: {e}", path.display())));
     }
 }

@@ -16,7 +16,7 @@ use half::{bf16, f16};
 use std::time::Instant;
 use tda_bench::{machine, Roofline};
 use tda_core::kernels::cpu::{
-    available, ffn_decode, gemv_with, huge_page_copy, kernels, FfnWeights, WeightSlice, MAX_FFN_CHUNKS,
+    available, ffn_decode, gemv_with, huge_page_copy, kernels, FfnRows, WeightSlice, MAX_FFN_CHUNKS,
 };
 
 fn arg(name: &str, default: &str) -> String {
@@ -188,7 +188,7 @@ fn main() {
                 ]
             };
             for (layout, [mg, mu, md], sel, rows) in variants {
-                let w = FfnWeights {
+                let w = FfnRows {
                     gate: mg.slice(dtype),
                     up: mu.slice(dtype),
                     down_t: md.slice(dtype),

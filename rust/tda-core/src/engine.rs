@@ -1,11 +1,11 @@
-//! The engine: a loaded model, its tokenizer and generation defaults, and a pool of run states so
-//! that several threads can generate at once.
+//! The engine: a loaded model on its device, its tokenizer and generation defaults, calibration
+//! and scoring. The model keeps a pool of run states, so that several threads can generate at once.
 
 use crate::config::{Arch, ModelConfig};
 use crate::error::{read_text, Error, Result};
-use crate::generate::sampler::log_prob;
 use crate::generate::session::Resolved;
 use crate::generate::{GenerateOptions, Generation, GenerationDefaults, GenerationOutput};
+use crate::kernels::{cpu::CpuBackend, Backend};
 use crate::load::safetensors::SafetensorsWeights;
 use crate::load::tokenizer::{builtin_chat_template, TextTokenizer};
 use crate::load::{gguf, gguf_tokenizer};
@@ -13,50 +13,21 @@ use crate::model::{FfnMode, Logits, Model, State};
 use crate::sparsity::calibrate::{budget_search, windows, BudgetReport, LengthProfile, DEFAULT_LENGTHS};
 use crate::sparsity::corpus::DEFAULT_CORPUS;
 use crate::sparsity::spec::check_density;
-use crate::sparsity::{NeuronStats, Sparsity, Thresholds};
+use crate::sparsity::{NeuronStats, Prefixed, Sparsity, Thresholds};
 use candle_core::DType;
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-/// How many idle run states the engine keeps for reuse.
-const POOL_SIZE: usize = 4;
-
 pub struct Shared {
-    pub model: Model,
-    pub tokenizer: TextTokenizer,
+    pub model: Arc<Model>,
+    pub tokenizer: Arc<TextTokenizer>,
     pub defaults: GenerationDefaults,
     pub eos_token_ids: Vec<u32>,
-    pub device: String,
-    pool: Mutex<Vec<State>>,
     /// The calibration of `Sparsity::TdaDensity`, made from the default corpus on first use.
     default_profile: Mutex<Option<Arc<LengthProfile>>>,
     density_thresholds: Mutex<HashMap<u64, Arc<Thresholds>>>,
-}
-
-impl Shared {
-    /// A run state for `rows` tokens at once and `capacity` positions: a pooled one if it fits.
-    pub(crate) fn take_state(&self, rows: usize, capacity: usize) -> State {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        match pool.iter().position(|s| s.fits(rows, capacity)) {
-            Some(i) => pool.swap_remove(i),
-            None => {
-                drop(pool);
-                self.model.new_state(rows, capacity)
-            }
-        }
-    }
-
-    pub(crate) fn return_state(&self, st: State) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.push(st);
-        if pool.len() > POOL_SIZE {
-            // Drop the smallest.
-            let i = (0..pool.len()).min_by_key(|&i| pool[i].capacity() * pool[i].rows()).unwrap_or(0);
-            pool.swap_remove(i);
-        }
-    }
 }
 
 #[derive(Clone)]
@@ -87,26 +58,42 @@ pub fn dtype_name(d: DType) -> &'static str {
     }
 }
 
-/// Checks a device name. Only the CPU is built in so far.
-pub fn parse_device(s: &str) -> Result<String> {
-    let lower = s.to_ascii_lowercase();
+/// The backend of a device name: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
+pub fn backend(device: &str) -> Result<Arc<dyn Backend>> {
+    let lower = device.to_ascii_lowercase();
     if lower == "cpu" {
-        return Ok(lower);
+        return Ok(Arc::new(CpuBackend));
     }
-    if lower == "cuda" || lower.starts_with("cuda:") {
-        return Err(Error::arg(format!(
-            "device '{s}' is not available: this build of tda-engine has no CUDA support; use 'cpu'"
-        )));
-    }
-    Err(Error::arg(format!("unknown device '{s}'; expected 'cpu' or 'cuda[:N]'")))
+    let ordinal = match lower.strip_prefix("cuda") {
+        Some("") => Some(0),
+        Some(rest) => rest.strip_prefix(':').and_then(|i| i.parse::<usize>().ok()),
+        None => None,
+    };
+    let Some(ordinal) = ordinal else {
+        return Err(Error::arg(format!("unknown device '{device}'; expected 'cpu', 'cuda' or 'cuda:N'")));
+    };
+    cuda_backend(device, ordinal)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_backend(_device: &str, ordinal: usize) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(crate::kernels::cuda::CudaBackend::new(ordinal)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend(device: &str, _ordinal: usize) -> Result<Arc<dyn Backend>> {
+    Err(Error::arg(format!(
+        "device '{device}' is not available: this build of tda-engine has no CUDA support (build with the \
+         'cuda' feature: scripts/build_cuda.sh); use 'cpu'"
+    )))
 }
 
 impl Engine {
     /// Loads a model: an HF directory (config.json, safetensors, tokenizer.json, ...), a `.gguf`
     /// file, or a directory holding exactly one `.gguf` file and no config.json.
     pub fn from_pretrained(path: &Path, device: &str, dtype: &str) -> Result<Self> {
-        let device = parse_device(device)?;
         let dtype = parse_dtype(dtype)?;
+        let device = backend(device)?;
         if !path.exists() {
             return Err(Error::not_found(path, "model path"));
         }
@@ -133,19 +120,19 @@ impl Engine {
         let dtype = dtype.unwrap_or_else(|| {
             cfg.declared_dtype.as_deref().and_then(|d| parse_dtype(d).ok().flatten()).unwrap_or(DType::F32)
         });
-        let model = Model::load(cfg, &weights, dtype)?;
-        Ok(Self::assemble(model, tokenizer, defaults, vec![], device))
+        let model = Model::load(cfg, &weights, dtype, device)?;
+        Ok(Self::assemble(model, tokenizer, defaults, vec![]))
     }
 
     /// A GGUF file: weights dequantized to `dtype` ("auto" = float32), tokenizer from the metadata.
-    fn from_gguf(path: &Path, device: String, dtype: Option<DType>) -> Result<Self> {
+    fn from_gguf(path: &Path, device: Arc<dyn Backend>, dtype: Option<DType>) -> Result<Self> {
         let file = gguf::GgufFile::open(path)?;
         let cfg = file.config()?;
         let mut tokenizer = gguf_tokenizer::from_gguf(file.metadata())?;
         if tokenizer.chat_template.is_none() {
             tokenizer.chat_template = builtin_chat_template(cfg.arch).map(str::to_string);
         }
-        let model = Model::load(cfg, &file, dtype.unwrap_or(DType::F32))?;
+        let model = Model::load(cfg, &file, dtype.unwrap_or(DType::F32), device)?;
         // Generation also ends at the end-of-turn tokens llama.cpp stops at, and at Gemma's
         // <end_of_turn> (HF's generation_config for Gemma lists it as an EOS).
         let mut end_of_turn: Vec<u32> = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
@@ -155,18 +142,12 @@ impl Engine {
         if matches!(model.cfg.arch, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3) {
             end_of_turn.extend(tokenizer.token_to_id("<end_of_turn>"));
         }
-        Ok(Self::assemble(model, tokenizer, GenerationDefaults::default(), end_of_turn, device))
+        Ok(Self::assemble(model, tokenizer, GenerationDefaults::default(), end_of_turn))
     }
 
     /// Generation ends at the EOS ids of generation_config.json, else config.json, else the
     /// tokenizer's EOS token, plus any `end_of_turn` ids.
-    fn assemble(
-        model: Model,
-        tokenizer: TextTokenizer,
-        defaults: GenerationDefaults,
-        end_of_turn: Vec<u32>,
-        device: String,
-    ) -> Self {
+    fn assemble(model: Model, tokenizer: TextTokenizer, defaults: GenerationDefaults, end_of_turn: Vec<u32>) -> Self {
         let mut eos = if defaults.eos_token_ids.is_empty() {
             model.cfg.eos_token_ids.clone()
         } else {
@@ -182,12 +163,10 @@ impl Engine {
         }
         Self {
             shared: Arc::new(Shared {
-                model,
-                tokenizer,
+                model: Arc::new(model),
+                tokenizer: Arc::new(tokenizer),
                 defaults,
                 eos_token_ids: eos,
-                device,
-                pool: Mutex::new(vec![]),
                 default_profile: Mutex::new(None),
                 density_thresholds: Mutex::new(HashMap::new()),
             }),
@@ -203,8 +182,9 @@ impl Engine {
     pub fn dtype(&self) -> DType {
         self.shared.model.dtype
     }
-    pub fn device(&self) -> &str {
-        &self.shared.device
+    /// `cpu` or `cuda:N`.
+    pub fn device(&self) -> String {
+        self.shared.model.device()
     }
     pub fn defaults(&self) -> &GenerationDefaults {
         &self.shared.defaults
@@ -251,10 +231,11 @@ impl Engine {
     pub fn forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_ids(ids, true)?;
         let v = self.shared.model.cfg.vocab_size;
-        let mut st = self.shared.take_state(ids.len(), ids.len());
-        let mut out = vec![0f32; ids.len() * v];
-        let r = self.shared.model.forward(ids, 0, &mut st, FfnMode::Dense, Logits::All(&mut out));
-        self.shared.return_state(st);
+        let model = &self.shared.model;
+        let mut st = model.take_state(ids.len(), ids.len())?;
+        let mut out = Vec::with_capacity(ids.len() * v);
+        let r = model.forward(ids, 0, &mut st, FfnMode::Dense, Logits::All(&mut out));
+        model.return_state(st);
         r.map(|_| out)
     }
 
@@ -264,7 +245,7 @@ impl Engine {
         let cfg = &self.shared.model.cfg;
         let mut resolved = Resolved::new(opts, &self.shared.defaults, &self.shared.eos_token_ids, cfg.vocab_size)?;
         resolved.sparsity = self.resolve(&opts.sparsity)?;
-        Generation::new(self.shared.clone(), prompt, resolved)
+        Generation::new(self.shared.model.clone(), self.shared.tokenizer.clone(), prompt, resolved)
     }
 
     pub fn generate(&self, prompt: Vec<u32>, opts: &GenerateOptions) -> Result<GenerationOutput> {
@@ -283,9 +264,6 @@ pub struct NeuronScores {
     pub tda: Vec<Vec<f32>>,
     pub griffin: Vec<Vec<f32>>,
 }
-
-/// Rows per forward pass when scoring a continuation (bounds the logits buffer).
-const SCORE_CHUNK: usize = 64;
 
 /// Calibration windows: of the default corpus for `tda:DENSITY`, and at most this many.
 const CALIBRATION_WINDOWS: usize = 8;
@@ -317,30 +295,6 @@ pub struct CalibrationOptions {
 impl Default for CalibrationOptions {
     fn default() -> Self {
         Self { lengths: DEFAULT_LENGTHS.to_vec(), max_windows: CALIBRATION_WINDOWS }
-    }
-}
-
-/// A scored sequence whose dense prefix has run: its run state holds the prefix's keys and values
-/// and FFN statistics, so that the continuation can be scored under several sparsity specs.
-pub struct Prefixed {
-    shared: Arc<Shared>,
-    st: Option<State>,
-    ids: Vec<u32>,
-    prefix_len: usize,
-    first_lp: f32,
-}
-
-impl Prefixed {
-    pub fn stats(&self) -> &NeuronStats {
-        &self.st.as_ref().expect("held until drop").stats
-    }
-}
-
-impl Drop for Prefixed {
-    fn drop(&mut self) {
-        if let Some(st) = self.st.take() {
-            self.shared.return_state(st);
-        }
     }
 }
 
@@ -425,9 +379,10 @@ impl Engine {
                     .map(|s| bos.iter().chain(&tokens[s..s + body]).copied().collect::<Vec<u32>>()),
             );
         }
-        let mut st = self.shared.take_state(len, len);
-        let r = LengthProfile::collect(&self.shared.model, &mut st, &wins, &lengths);
-        self.shared.return_state(st);
+        let model = &self.shared.model;
+        let mut st = model.take_state(len, len)?;
+        let r = LengthProfile::collect(model, &mut st, &wins, &lengths);
+        model.return_state(st);
         r
     }
 
@@ -464,7 +419,7 @@ impl Engine {
                     )));
                 }
                 let profile = self.profile(&tokens[..split], opts)?;
-                let (mut t, report) = budget_search(self, &profile, &val, vlen / 2, b)?;
+                let (mut t, report) = budget_search(&self.shared.model, &profile, &val, vlen / 2, b)?;
                 if let Some(m) = t.meta.as_object_mut() {
                     m.insert("text".into(), json!(source));
                     m.insert("text_tokens".into(), json!(tokens.len()));
@@ -507,63 +462,18 @@ impl Engine {
     /// Runs `ids[..prefix_len]` densely (observing the FFN activations) for scoring the rest.
     pub fn prefill_scored(&self, ids: &[u32], prefix_len: usize) -> Result<Prefixed> {
         self.check_ids(ids, true)?;
-        if prefix_len == 0 || prefix_len >= ids.len() {
-            return Err(Error::arg(format!(
-                "prefix_len must be in [1, len(ids) - 1] = [1, {}], got {prefix_len}",
-                ids.len().saturating_sub(1)
-            )));
-        }
-        let rows = prefix_len.max(SCORE_CHUNK.min(ids.len() - prefix_len));
-        let mut st = self.shared.take_state(rows, ids.len());
-        st.stats.reset();
-        let r = self.shared.model.forward(&ids[..prefix_len], 0, &mut st, FfnMode::Observe, Logits::Last);
-        let first_lp = log_prob(&st.logits, ids[prefix_len]);
-        let p = Prefixed { shared: self.shared.clone(), st: Some(st), ids: ids.to_vec(), prefix_len, first_lp };
-        r.map(|_| p)
+        Prefixed::new(&self.shared.model, ids, prefix_len)
     }
 
     /// Log-probabilities of `ids[prefix_len..]` with the continuation run under `spec`'s mask
     /// (the first comes from the dense prefix), and the kept neurons per layer.
     pub fn score_prefixed(&self, p: &mut Prefixed, spec: &Sparsity) -> Result<(Vec<f32>, Vec<usize>)> {
-        let spec = self.resolve(spec)?;
-        let st = p.st.as_mut().expect("held until drop");
-        st.mask.select(&spec.selector()?, &st.stats)?;
-        let counts = st.mask.counts();
-        let mode = if spec.is_dense() { FfnMode::Dense } else { FfnMode::Sparse };
-        let lp = self.run_continuation(p, mode)?;
-        Ok((lp, counts))
+        p.score(&self.resolve(spec)?)
     }
 
     /// Dense scoring of the continuation that also returns its FFN activation statistics.
     pub fn score_dense_energy(&self, p: &mut Prefixed) -> Result<(Vec<f32>, NeuronStats)> {
-        let st = p.st.as_mut().expect("held until drop");
-        let prefix_stats = st.stats.clone();
-        st.stats.reset();
-        let lp = self.run_continuation(p, FfnMode::Observe);
-        let st = p.st.as_mut().expect("held until drop");
-        let energy = st.stats.clone();
-        st.stats.copy_from(&prefix_stats);
-        Ok((lp?, energy))
-    }
-
-    fn run_continuation(&self, p: &mut Prefixed, mode: FfnMode) -> Result<Vec<f32>> {
-        let model = &self.shared.model;
-        let v = model.cfg.vocab_size;
-        let st = p.st.as_mut().expect("held until drop");
-        let (ids, start) = (&p.ids, p.prefix_len);
-        let mut lp = Vec::with_capacity(ids.len() - start);
-        lp.push(p.first_lp);
-        let inputs = &ids[start..ids.len() - 1];
-        let mut logits = vec![0f32; SCORE_CHUNK.min(inputs.len()) * v];
-        for (c, chunk) in inputs.chunks(SCORE_CHUNK).enumerate() {
-            let pos = start + c * SCORE_CHUNK;
-            let out = &mut logits[..chunk.len() * v];
-            model.forward(chunk, pos, st, mode, Logits::All(out))?;
-            for (i, row) in out.chunks_exact(v).enumerate() {
-                lp.push(log_prob(row, ids[pos + i + 1]));
-            }
-        }
-        Ok(lp)
+        p.dense_energy()
     }
 
     /// Log-probabilities of `ids[prefix_len..]` under each spec; `ids[..prefix_len]` run densely
@@ -586,7 +496,7 @@ impl Engine {
             tda.push(a);
             griffin.push(b);
         }
-        self.shared.return_state(st);
+        self.shared.model.return_state(st);
         Ok(NeuronScores { tda, griffin })
     }
 
@@ -599,18 +509,19 @@ impl Engine {
         let kept = (0..self.config().num_layers)
             .map(|l| st.mask.kept(l).map_or_else(|| (0..n).collect(), <[u32]>::to_vec))
             .collect();
-        self.shared.return_state(st);
+        self.shared.model.return_state(st);
         r.map(|_| kept)
     }
 
     fn observe_prompt(&self, ids: &[u32]) -> Result<State> {
         self.check_ids(ids, true)?;
-        let mut st = self.shared.take_state(ids.len(), ids.len());
+        let model = &self.shared.model;
+        let mut st = model.take_state(ids.len(), ids.len())?;
         st.stats.reset();
-        match self.shared.model.forward(ids, 0, &mut st, FfnMode::Observe, Logits::None) {
+        match model.forward(ids, 0, &mut st, FfnMode::Observe, Logits::None) {
             Ok(()) => Ok(st),
             Err(e) => {
-                self.shared.return_state(st);
+                model.return_state(st);
                 Err(e)
             }
         }

@@ -13,6 +13,9 @@ pub enum Error {
     /// A caller-supplied argument is out of range or malformed (Python: `ValueError`).
     #[error("{0}")]
     InvalidArgument(String),
+    /// A device ran out of memory (Python: `MemoryError`); the engine stays usable.
+    #[error("{0}")]
+    OutOfMemory(String),
     /// Something that should not happen; a bug rather than bad input (Python: `RuntimeError`).
     #[error("internal error: {0}")]
     Internal(String),

@@ -2,7 +2,7 @@
 //! released around all compute, and no Rust panic crossing into Python.
 
 use numpy::{PyArray1, PyArrayMethods};
-use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyStopIteration, PyValueError};
+use pyo3::exceptions::{PyFileNotFoundError, PyMemoryError, PyRuntimeError, PyStopIteration, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -17,6 +17,7 @@ fn to_py(e: Error) -> PyErr {
     match e {
         Error::NotFound(m) => PyFileNotFoundError::new_err(m),
         Error::InvalidModel(m) | Error::InvalidArgument(m) => PyValueError::new_err(m),
+        Error::OutOfMemory(m) => PyMemoryError::new_err(m),
         Error::Internal(m) => PyRuntimeError::new_err(format!("internal error: {m}")),
     }
 }

@@ -1,6 +1,7 @@
 //! Next-token choice: repetition penalty, then temperature, top-k, top-p and min-p (HF's order),
 //! then a draw from a seeded generator. Temperature 0 is greedy.
 
+use crate::kernels::Draw;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -49,6 +50,18 @@ impl Sampler {
         if let Some(s) = self.seen.get_mut(token as usize) {
             *s = true;
         }
+    }
+
+    /// The draw of the next token for a backend that samples on its device, taking the uniform
+    /// number from this sampler's generator; `None` when the host must see the logits (a repetition
+    /// penalty). Greedy is a draw at temperature 0, which uses no random number.
+    pub fn device_draw(&mut self) -> Option<Draw> {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            return None;
+        }
+        let u = if p.temperature > 0.0 { self.rng.gen::<f32>() } else { 0.0 };
+        Some(Draw { temperature: p.temperature, top_k: p.top_k, top_p: p.top_p, min_p: p.min_p, u })
     }
 
     /// Chooses the next token; `logits` are left unchanged.
@@ -129,12 +142,7 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-/// `log softmax(logits)[token]`.
-pub fn log_prob(logits: &[f32], token: u32) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    ((logits[token as usize] - max) as f64 - sum.ln()) as f32
-}
+pub use crate::model::log_prob;
 
 #[cfg(test)]
 mod tests {

@@ -4,9 +4,9 @@
 use super::detok::Detokenizer;
 use super::sampler::{log_prob, Sampler, SamplingParams};
 use super::stop::StopStrings;
-use crate::engine::Shared;
 use crate::error::{parse_json, read_text, Error, Result};
-use crate::model::{FfnMode, Logits, State};
+use crate::load::tokenizer::TextTokenizer;
+use crate::model::{FfnMode, Logits, Model, State};
 use crate::sparsity::Sparsity;
 use serde_json::Value;
 use std::path::Path;
@@ -198,9 +198,10 @@ pub struct GenerationOutput {
     pub ffn_active: Vec<usize>,
 }
 
-/// One generation in progress. Holds a run state from the engine's pool and gives it back on drop.
+/// One generation in progress. Holds a run state from the model's pool and gives it back on drop.
 pub struct Generation {
-    shared: Arc<Shared>,
+    model: Arc<Model>,
+    tokenizer: Arc<TextTokenizer>,
     state: Option<State>,
     prompt: Vec<u32>,
     opts: Resolved,
@@ -220,11 +221,16 @@ pub struct Generation {
 }
 
 impl Generation {
-    pub(crate) fn new(shared: Arc<Shared>, prompt: Vec<u32>, opts: Resolved) -> Result<Self> {
-        let ctx = shared.model.cfg.max_position_embeddings;
-        let limit = opts.max_new_tokens.min(ctx - prompt.len());
-        let state = shared.take_state(prompt.len(), prompt.len() + limit);
-        let mut sampler = Sampler::new(opts.sampling.clone(), opts.seed, shared.model.cfg.vocab_size);
+    pub(crate) fn new(
+        model: Arc<Model>,
+        tokenizer: Arc<TextTokenizer>,
+        prompt: Vec<u32>,
+        opts: Resolved,
+    ) -> Result<Self> {
+        let cfg = &model.cfg;
+        let limit = opts.max_new_tokens.min(cfg.max_position_embeddings - prompt.len());
+        let state = model.take_state(prompt.len(), prompt.len() + limit)?;
+        let mut sampler = Sampler::new(opts.sampling.clone(), opts.seed, cfg.vocab_size);
         prompt.iter().for_each(|&t| sampler.observe(t));
         let stops = StopStrings::new(opts.stop.clone());
         let finish = (limit == 0).then_some(FinishReason::Length);
@@ -242,9 +248,10 @@ impl Generation {
             finish,
             flushed: false,
             timings: Timings::default(),
-            ffn_active: vec![shared.model.cfg.intermediate_size; shared.model.cfg.num_layers],
+            ffn_active: vec![cfg.intermediate_size; cfg.num_layers],
             opts,
-            shared,
+            tokenizer,
+            model,
         })
     }
 
@@ -294,7 +301,7 @@ impl Generation {
     /// The prefill for the first token, a decode step for every later one.
     fn next_token(&mut self) -> Result<u32> {
         let st = self.state.as_mut().expect("state is held until drop");
-        let model = &self.shared.model;
+        let model = &*self.model;
         let t0 = Instant::now();
         let dense = self.opts.sparsity.is_dense();
         match self.tokens.last() {
@@ -312,10 +319,22 @@ impl Generation {
                 model.forward(&[last], pos, st, mode, Logits::Last)?;
             }
         }
-        let t = self.sampler.sample(&st.logits);
-        if self.opts.logprobs {
-            self.logprobs.push(log_prob(&st.logits, t));
-        }
+        // On a device, only the sampled id travels back, unless the host must see the logits.
+        let on_device = match model.samples_on_device() && !self.opts.logprobs {
+            true => self.sampler.device_draw().map(|d| model.sample_on_device(st, &d)).transpose()?.flatten(),
+            false => None,
+        };
+        let t = match on_device {
+            Some(t) => t,
+            None => {
+                let logits = model.host_logits(st)?;
+                let t = self.sampler.sample(logits);
+                if self.opts.logprobs {
+                    self.logprobs.push(log_prob(logits, t));
+                }
+                t
+            }
+        };
         let dt = t0.elapsed().as_secs_f64();
         if self.tokens.is_empty() {
             self.timings.prefill_s = dt;
@@ -334,7 +353,7 @@ impl Generation {
             return Ok(());
         }
         let old = self.text.len();
-        let delta = self.detok.push(&self.shared.tokenizer, t)?;
+        let delta = self.detok.push(&self.tokenizer, t)?;
         self.text.push_str(&delta);
         if let Some(i) = self.stops.find(&self.text, old) {
             self.text.truncate(i);
@@ -349,7 +368,7 @@ impl Generation {
 impl Drop for Generation {
     fn drop(&mut self) {
         if let Some(st) = self.state.take() {
-            self.shared.return_state(st);
+            self.model.return_state(st);
         }
     }
 }

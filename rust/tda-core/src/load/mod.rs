@@ -18,4 +18,9 @@ pub trait WeightSource {
     fn contains(&self, name: &str) -> bool;
     /// The tensor, checked to have exactly `shape`, converted to `dtype`.
     fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor>;
+    /// For random sources: the seed and the bound `a` of the uniform `[-a, a)` values of matrix
+    /// `name` of `shape`, so that a backend can make them on its device ([`synthetic`]).
+    fn random(&self, _name: &str, _shape: &[usize]) -> Option<(u64, f32)> {
+        None
+    }
 }

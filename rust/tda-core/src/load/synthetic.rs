@@ -73,16 +73,21 @@ impl WeightSource for RandomWeights {
 
     fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let count: usize = shape.iter().product();
-        let data: Vec<f32> = if shape.len() == 1 {
-            vec![1.0; count]
-        } else {
-            let fan_in = *shape.last().unwrap_or(&1) as f32;
-            let a = (3.0 / fan_in).sqrt();
-            let seed = name.bytes().fold(self.seed, |h, b| h.wrapping_mul(0x100_0000_01b3).wrapping_add(b as u64));
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            (0..count).map(|_| rng.gen_range(-a..a)).collect()
+        let data: Vec<f32> = match self.random(name, shape) {
+            None => vec![1.0; count],
+            Some((seed, a)) => {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                (0..count).map(|_| rng.gen_range(-a..a)).collect()
+            }
         };
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?)
+    }
+
+    /// Matrices only (norm gains are 1): a seed per tensor name, and `a = sqrt(3 / fan_in)`.
+    fn random(&self, name: &str, shape: &[usize]) -> Option<(u64, f32)> {
+        let [_, fan_in] = *shape else { return None };
+        let seed = name.bytes().fold(self.seed, |h, b| h.wrapping_mul(0x100_0000_01b3).wrapping_add(b as u64));
+        Some((seed, (3.0 / fan_in as f32).sqrt()))
     }
 }
 

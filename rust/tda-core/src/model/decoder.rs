@@ -1,4 +1,5 @@
-//! The decoder stack. One `forward` serves prefill (many rows, GEMMs) and decode (one row, GEMVs):
+//! The decoder stack. One `forward` serves prefill (many rows, GEMMs) and decode (one row, GEMVs),
+//! on whichever backend holds the weights:
 //!
 //! ```text
 //! x = embed(tokens) [* sqrt(hidden)]
@@ -10,13 +11,18 @@
 
 use super::attention::{Attention, AttnBuffers};
 use super::ffn::{Ffn, FfnBuffers, FfnMode};
+use super::linear::{load_matrix, Linear};
 use super::norm::RmsNorm;
 use super::state::State;
 use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
-use crate::kernels::cpu::{on_huge_pages, row_to_f32, with_weights};
+use crate::kernels::{Backend, Buf, Draw, Matrix};
 use crate::load::WeightSource;
-use candle_core::{DType, Tensor};
+use candle_core::DType;
+use std::sync::{Arc, Mutex};
+
+/// How many idle run states a model keeps for reuse.
+const POOL_SIZE: usize = 4;
 
 pub struct Layer {
     pub attn_norm: RmsNorm,
@@ -30,12 +36,16 @@ pub struct Layer {
 pub struct Model {
     pub cfg: ModelConfig,
     pub dtype: DType,
+    /// Where the weights live and the kernels run.
+    pub be: Arc<dyn Backend>,
     /// `(vocab, hidden)`.
-    pub embed: Tensor,
+    pub embed: Matrix,
     pub layers: Vec<Layer>,
     pub final_norm: RmsNorm,
     /// `(vocab, hidden)`; shares storage with `embed` when the embeddings are tied.
-    pub lm_head: super::linear::Linear,
+    pub lm_head: Linear,
+    /// Idle run states, reused by later calls (so that several threads can run at once).
+    pool: Mutex<Vec<State>>,
 }
 
 /// Which logits a forward pass produces.
@@ -44,33 +54,34 @@ pub enum Logits<'a> {
     None,
     /// Only the last token's, into `State::logits`.
     Last,
-    /// Every token's, `rows x vocab`.
-    All(&'a mut [f32]),
+    /// Every token's, `rows x vocab`, into this vector (resized to fit).
+    All(&'a mut Vec<f32>),
 }
 
 impl Model {
-    /// Builds the model from HF-named tensors, converting them to `dtype`.
-    pub fn load(cfg: ModelConfig, src: &dyn WeightSource, dtype: DType) -> Result<Self> {
+    /// Builds the model from HF-named tensors, converting them to `dtype`, in `be`'s memory.
+    pub fn load(cfg: ModelConfig, src: &dyn WeightSource, dtype: DType, be: Arc<dyn Backend>) -> Result<Self> {
         let prefix = ["model.", "model.language_model.", "language_model.model."]
             .into_iter()
             .find(|p| src.contains(&format!("{p}embed_tokens.weight")))
             .ok_or_else(|| Error::model("missing tensor 'model.embed_tokens.weight' in the checkpoint"))?;
+        let b = &*be;
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = on_huge_pages(src.tensor(&format!("{prefix}embed_tokens.weight"), &[v, d], dtype)?)?;
-        let norm = |name: &str| RmsNorm::load(src, name, d, cfg.norm, cfg.rms_norm_eps);
+        let embed = load_matrix(b, src, &format!("{prefix}embed_tokens.weight"), v, d, dtype)?;
+        let norm = |name: &str| RmsNorm::load(b, src, name, d, cfg.norm, cfg.rms_norm_eps);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("{prefix}layers.{i}");
             let sandwich = cfg.sandwich_norm;
             layers.push(Layer {
                 attn_norm: norm(&format!("{p}.input_layernorm"))?,
-                attn: Attention::load(src, &format!("{p}.self_attn"), &cfg, i, dtype)?,
+                attn: Attention::load(b, src, &format!("{p}.self_attn"), &cfg, i, dtype)?,
                 post_attn_norm: sandwich.then(|| norm(&format!("{p}.post_attention_layernorm"))).transpose()?,
                 ffn_norm: norm(&format!(
                     "{p}.{}",
                     if sandwich { "pre_feedforward_layernorm" } else { "post_attention_layernorm" }
                 ))?,
-                ffn: Ffn::load(src, &format!("{p}.mlp"), &cfg, dtype)?,
+                ffn: Ffn::load(b, src, &format!("{p}.mlp"), &cfg, dtype)?,
                 post_ffn_norm: sandwich.then(|| norm(&format!("{p}.post_feedforward_layernorm"))).transpose()?,
             });
         }
@@ -81,30 +92,31 @@ impl Model {
         let lm_weight = if cfg.tie_word_embeddings || gemma_tied {
             embed.clone()
         } else {
-            on_huge_pages(src.tensor("lm_head.weight", &[v, d], dtype)?)?
+            load_matrix(b, src, "lm_head.weight", v, d, dtype)?
         };
-        let lm_head = super::linear::Linear { weight: lm_weight, bias: None, in_dim: d, out_dim: v };
-        Ok(Self { cfg, dtype, embed, layers, final_norm, lm_head })
+        let lm_head = Linear { weight: lm_weight, bias: None, in_dim: d, out_dim: v };
+        Ok(Self { cfg, dtype, be, embed, layers, final_norm, lm_head, pool: Mutex::new(vec![]) })
+    }
+
+    /// `cpu` or `cuda:N`.
+    pub fn device(&self) -> String {
+        self.be.device()
     }
 
     /// Bytes of weights one decode step reads: every projection, the LM head and the norms
     /// (the embedding lookup reads one row and is not counted).
     pub fn decode_weight_bytes(&self) -> usize {
-        let lin = |l: &super::linear::Linear| l.weight.elem_count() * l.weight.dtype().size_in_bytes();
         let per_layer: usize = self
             .layers
             .iter()
             .map(|l| {
                 let a = &l.attn;
-                lin(&a.q_proj)
-                    + lin(&a.k_proj)
-                    + lin(&a.v_proj)
-                    + lin(&a.o_proj)
-                    + l.ffn.neurons() * l.ffn.bytes_per_neuron()
+                let projections = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj];
+                projections.iter().map(|p| p.weight.bytes()).sum::<usize>() + l.ffn.neurons() * l.ffn.bytes_per_neuron()
             })
             .sum();
         let norms = (self.layers.len() * 4 + 1) * self.cfg.hidden_size * 4;
-        per_layer + lin(&self.lm_head) + norms
+        per_layer + self.lm_head.weight.bytes() + norms
     }
 
     /// Bytes of weights one decode step reads when the FFN keeps `kept[l]` neurons of layer `l`.
@@ -121,31 +133,52 @@ impl Model {
 
     /// `||Wd[:, j]||^2` for every neuron `j` of every layer (one pass over the down projections).
     pub fn down_row_norms(&self) -> Result<Vec<Vec<f64>>> {
-        let d = self.cfg.hidden_size;
-        let mut row = vec![0f32; d];
-        self.layers
-            .iter()
-            .map(|l| {
-                with_weights(&l.ffn.down_t, |w| {
-                    (0..l.ffn.neurons())
-                        .map(|j| {
-                            row_to_f32(w, j, d, &mut row);
-                            row.iter().map(|&v| v as f64 * v as f64).sum()
-                        })
-                        .collect()
-                })
-            })
-            .collect()
+        self.layers.iter().map(|l| self.be.row_sq_norms(&l.ffn.down_t)).collect()
     }
 
-    pub fn new_state(&self, rows: usize, capacity: usize) -> State {
-        State::new(&self.cfg, rows, capacity)
+    /// A new run state for `rows` tokens at once and `capacity` positions.
+    pub fn new_state(&self, rows: usize, capacity: usize) -> Result<State> {
+        State::new(&self.cfg, &*self.be, rows, capacity)
+    }
+
+    /// A run state for `rows` tokens at once and `capacity` positions: a pooled one if it fits.
+    /// When a new one does not fit the device's memory, the idle states are freed and it is tried
+    /// once more; the error stands if it still does not fit.
+    pub fn take_state(&self, rows: usize, capacity: usize) -> Result<State> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = pool.iter().position(|s| s.fits(rows, capacity)) {
+            return Ok(pool.swap_remove(i));
+        }
+        drop(pool);
+        match self.new_state(rows, capacity) {
+            Err(Error::OutOfMemory(_)) if !self.pool.lock().unwrap_or_else(|p| p.into_inner()).is_empty() => {
+                self.clear_pool();
+                self.new_state(rows, capacity)
+            }
+            r => r,
+        }
+    }
+
+    /// Gives a state back for reuse (the smallest is dropped when the pool is full).
+    pub fn return_state(&self, st: State) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.push(st);
+        if pool.len() > POOL_SIZE {
+            let i = (0..pool.len()).min_by_key(|&i| pool[i].capacity() * pool[i].rows()).unwrap_or(0);
+            pool.swap_remove(i);
+        }
+    }
+
+    /// Drops every idle run state (e.g. to free device memory after an out-of-memory error).
+    pub fn clear_pool(&self) {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Runs `tokens` at positions `start..start + tokens.len()` through the model, appending their
     /// keys and values to the state's cache. `mode` says what the FFNs do besides their output:
-    /// observe the prompt's activations, or compute only the neurons of the state's mask. Token ids must be `< vocab_size` and the positions must
-    /// fit the state (checked by the caller; violations return an internal error, never panic).
+    /// observe the prompt's activations (added to `st.stats`), or compute only the neurons of the
+    /// state's mask. Token ids must be `< vocab_size` and the positions must fit the state (checked
+    /// by the caller; violations return an error, never panic).
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -155,7 +188,6 @@ impl Model {
         logits: Logits<'_>,
     ) -> Result<()> {
         let n = tokens.len();
-        let d = self.cfg.hidden_size;
         if n == 0 || n > st.rows() || start + n > st.capacity() {
             return Err(Error::Internal(format!(
                 "forward of {n} tokens at {start} does not fit a state of {} rows x {} positions",
@@ -166,65 +198,119 @@ impl Model {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
             return Err(Error::arg(format!("token id {bad} is out of range for vocab_size {}", self.cfg.vocab_size)));
         }
+        let be = &*self.be;
+        let _device = be.exclusive();
 
-        // Embedding lookup.
-        with_weights(&self.embed, |w| {
-            for (i, &t) in tokens.iter().enumerate() {
-                row_to_f32(w, t as usize, d, &mut st.x[i * d..(i + 1) * d]);
+        // What the kernels read besides the weights: the step, the kept neurons, a zeroed accumulator.
+        be.set_step(&mut st.step, tokens, start)?;
+        if mode == FfnMode::Sparse {
+            for (l, layer) in self.layers.iter().enumerate() {
+                let m = &st.mask;
+                be.prepare_ffn(&layer.ffn.weights(), m.kept(l), m.keep_row(l), m.version(), &mut st.ffn[l])?;
             }
-        })?;
-        if let Some(s) = self.cfg.embed_scale {
-            st.x[..n * d].iter_mut().for_each(|v| *v *= s);
         }
-
-        for (li, layer) in self.layers.iter().enumerate() {
-            // Attention sub-block.
-            layer.attn_norm.forward(&st.x[..n * d], &mut st.xb[..n * d]);
-            let bufs = AttnBuffers { q: &mut st.q, k: &mut st.k, v: &mut st.v, ctx: &mut st.ctx };
-            layer.attn.forward(&st.xb, n, start, li, &st.ropes, &mut st.cache, bufs, &mut st.out)?;
-            if let Some(pn) = &layer.post_attn_norm {
-                pn.forward_inplace(&mut st.out[..n * d]);
-            }
-            add_into(&mut st.x[..n * d], &st.out[..n * d]);
-
-            // FFN sub-block.
-            layer.ffn_norm.forward(&st.x[..n * d], &mut st.xb[..n * d]);
-            let bufs = FfnBuffers {
-                a: &mut st.ffn_a,
-                u: &mut st.ffn_u,
-                partials: &mut st.ffn_partials,
-                kept_rows: &mut st.ffn_kept_rows[li],
-            };
-            layer.ffn.forward(&st.xb, n, li, mode, bufs, &mut st.stats, &st.mask, &mut st.out)?;
-            if let Some(pn) = &layer.post_ffn_norm {
-                pn.forward_inplace(&mut st.out[..n * d]);
-            }
-            add_into(&mut st.x[..n * d], &st.out[..n * d]);
+        if mode == FfnMode::Observe {
+            be.fill_zero(&mut st.stats_acc, st.stats_host.len())?;
         }
 
         match logits {
-            Logits::None => {}
-            Logits::Last => {
-                self.final_norm.forward(&st.x[(n - 1) * d..n * d], &mut st.xb[..d]);
-                self.lm_head.forward(&st.xb[..d], 1, &mut st.logits)?;
-                self.soft_cap(&mut st.logits);
+            // A decode step: the same kernels every token, so a device backend may replay a recording.
+            Logits::Last if n == 1 => {
+                let mut graphs = st.graphs.take();
+                let r = be.run_graph(&mut graphs, mode as u64, &mut || self.run(st, n, mode, true));
+                st.graphs = graphs;
+                r?;
             }
+            Logits::Last => self.run(st, n, mode, true)?,
+            Logits::None => self.run(st, n, mode, false)?,
             Logits::All(out) => {
-                self.final_norm.forward(&st.x[..n * d], &mut st.xb[..n * d]);
-                self.lm_head.forward(&st.xb[..n * d], n, out)?;
-                self.soft_cap(out);
+                self.run(st, n, mode, false)?;
+                let v = self.cfg.vocab_size;
+                self.final_norm.forward(be, &st.x, n, &mut st.xb)?;
+                out.resize(n * v, 0.0);
+                let mut b = be.output_buf(std::mem::take(out))?;
+                let r = self.lm_head.forward(be, &st.xb, n, &mut b).and_then(|_| self.soft_cap(&mut b, n * v));
+                be.read_output(b, out)?;
+                r?;
             }
+        }
+
+        if mode == FfnMode::Observe {
+            be.download(&st.stats_acc, &mut st.stats_host)?;
+            st.stats.add(n, &st.stats_host);
         }
         Ok(())
     }
 
-    fn soft_cap(&self, logits: &mut [f32]) {
-        if let Some(cap) = self.cfg.final_softcap {
-            logits.iter_mut().for_each(|l| *l = (*l / cap).tanh() * cap);
+    /// The layers over the step's `n` rows; with `last_logits`, the last row's logits into `st.logits`.
+    fn run(&self, st: &mut State, n: usize, mode: FfnMode, last_logits: bool) -> Result<()> {
+        let be = &*self.be;
+        let d = self.cfg.hidden_size;
+        be.embed(&self.embed, &st.step, n, self.cfg.embed_scale, &mut st.x)?;
+        let n_ffn = self.cfg.intermediate_size;
+        for (li, layer) in self.layers.iter().enumerate() {
+            // Attention sub-block.
+            layer.attn_norm.forward(be, &st.x, n, &mut st.xb)?;
+            let (k_cache, v_cache) = st.cache.layer_mut(li);
+            let bufs = AttnBuffers { q: &mut st.q, k: &mut st.k, v: &mut st.v, ctx: &mut st.ctx, k_cache, v_cache };
+            layer.attn.forward(be, &st.xb, n, &st.step, &st.ropes, bufs, &mut st.out)?;
+            if let Some(pn) = &layer.post_attn_norm {
+                pn.forward_inplace(be, &mut st.out, n)?;
+            }
+            be.add(&mut st.x, &st.out, n * d)?;
+
+            // FFN sub-block.
+            layer.ffn_norm.forward(be, &st.x, n, &mut st.xb)?;
+            let bufs = FfnBuffers {
+                a: &mut st.ffn_a,
+                u: &mut st.ffn_u,
+                scratch: &mut st.ffn[li],
+                stats: &mut st.stats_acc,
+                stats_offset: 2 * li * n_ffn,
+            };
+            layer.ffn.forward(be, &st.xb, n, mode, bufs, &mut st.out)?;
+            if let Some(pn) = &layer.post_ffn_norm {
+                pn.forward_inplace(be, &mut st.out, n)?;
+            }
+            be.add(&mut st.x, &st.out, n * d)?;
+        }
+        if last_logits {
+            be.copy(&st.x, (n - 1) * d, &mut st.out, d)?;
+            self.final_norm.forward(be, &st.out, 1, &mut st.xb)?;
+            self.lm_head.forward(be, &st.xb, 1, &mut st.logits)?;
+            self.soft_cap(&mut st.logits, self.cfg.vocab_size)?;
+        }
+        Ok(())
+    }
+
+    fn soft_cap(&self, logits: &mut Buf, len: usize) -> Result<()> {
+        match self.cfg.final_softcap {
+            Some(cap) => self.be.soft_cap(logits, cap, len),
+            None => Ok(()),
         }
     }
-}
 
-fn add_into(x: &mut [f32], y: &[f32]) {
-    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+    /// The last forward's logits (`vocab`) in host memory: read from the device if they live there.
+    pub fn host_logits<'s>(&self, st: &'s mut State) -> Result<&'s [f32]> {
+        if matches!(st.logits, Buf::Host(_)) {
+            return st.logits.host();
+        }
+        self.be.download(&st.logits, &mut st.logits_host)?;
+        Ok(&st.logits_host)
+    }
+
+    /// Whether the logits stay on a device, where [`Model::sample_on_device`] can draw from them.
+    pub fn samples_on_device(&self) -> bool {
+        !matches!(self.be.device().as_str(), "cpu")
+    }
+
+    /// Draws the next token from the last forward's logits on the device (the argmax when the
+    /// temperature is 0): only the id is read back. `None` when the backend cannot.
+    pub fn sample_on_device(&self, st: &State, draw: &Draw) -> Result<Option<u32>> {
+        let v = self.cfg.vocab_size;
+        if draw.temperature == 0.0 {
+            return self.be.argmax(&st.logits, v).map(Some);
+        }
+        self.be.sample(&st.logits, v, draw).transpose()
+    }
 }

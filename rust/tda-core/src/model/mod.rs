@@ -14,3 +14,10 @@ pub mod state;
 pub use decoder::{Logits, Model};
 pub use ffn::FfnMode;
 pub use state::State;
+
+/// `log softmax(logits)[token]`.
+pub fn log_prob(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    ((logits[token as usize] - max) as f64 - sum.ln()) as f32
+}

@@ -3,47 +3,39 @@
 use super::linear::load_vector;
 use crate::config::NormStyle;
 use crate::error::Result;
+use crate::kernels::{Backend, Buf};
 use crate::load::WeightSource;
 
 pub struct RmsNorm {
     /// The effective gain `g`; Gemma's `1 + w` is folded in at load time.
-    gain: Vec<f32>,
+    gain: Buf,
+    dim: usize,
     eps: f32,
 }
 
 impl RmsNorm {
-    pub fn load(src: &dyn WeightSource, name: &str, dim: usize, style: NormStyle, eps: f64) -> Result<Self> {
+    pub fn load(
+        be: &dyn Backend,
+        src: &dyn WeightSource,
+        name: &str,
+        dim: usize,
+        style: NormStyle,
+        eps: f64,
+    ) -> Result<Self> {
         let mut gain = load_vector(src, &format!("{name}.weight"), dim)?;
         if style == NormStyle::OnePlus {
             gain.iter_mut().for_each(|g| *g += 1.0);
         }
-        Ok(Self { gain, eps: eps as f32 })
+        Ok(Self { gain: be.upload(&gain)?, dim, eps: eps as f32 })
     }
 
-    /// Normalises every row of `x` (rows of `gain.len()`) into `out`.
-    pub fn forward(&self, x: &[f32], out: &mut [f32]) {
-        let d = self.gain.len();
-        for (xr, or) in x.chunks(d).zip(out.chunks_mut(d)) {
-            let inv = self.inv_rms(xr);
-            for ((o, xi), g) in or.iter_mut().zip(xr).zip(&self.gain) {
-                *o = xi * inv * g;
-            }
-        }
+    /// Normalises `rows` rows of `x` into `out`.
+    pub fn forward(&self, be: &dyn Backend, x: &Buf, rows: usize, out: &mut Buf) -> Result<()> {
+        be.rms_norm(x, &self.gain, self.eps, self.dim, rows, out)
     }
 
-    /// Normalises every row of `x` in place.
-    pub fn forward_inplace(&self, x: &mut [f32]) {
-        let d = self.gain.len();
-        for xr in x.chunks_mut(d) {
-            let inv = self.inv_rms(xr);
-            for (xi, g) in xr.iter_mut().zip(&self.gain) {
-                *xi = *xi * inv * g;
-            }
-        }
-    }
-
-    fn inv_rms(&self, x: &[f32]) -> f32 {
-        let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-        1.0 / (ms + self.eps).sqrt()
+    /// Normalises `rows` rows of `x` in place (rows of `dim` values: a token, or one head of one).
+    pub fn forward_inplace(&self, be: &dyn Backend, x: &mut Buf, rows: usize) -> Result<()> {
+        be.rms_norm_inplace(x, &self.gain, self.eps, self.dim, rows)
     }
 }

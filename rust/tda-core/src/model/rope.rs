@@ -2,6 +2,8 @@
 //! `x'[i] = x[i] cos - x[i+d/2] sin` and `x'[i+d/2] = x[i+d/2] cos + x[i] sin`, angle `pos * inv_freq[i]`.
 
 use crate::config::{RopeConfig, RopeScaling};
+use crate::error::Result;
+use crate::kernels::{Backend, Buf};
 
 /// The per-pair inverse frequencies, after scaling, as HF computes them.
 pub fn inv_freq(cfg: &RopeConfig, head_dim: usize) -> Vec<f32> {
@@ -31,15 +33,14 @@ pub fn inv_freq(cfg: &RopeConfig, head_dim: usize) -> Vec<f32> {
     }
 }
 
-/// cos/sin for positions `0..len`, `head_dim / 2` values per position.
+/// cos/sin for positions `0..len`, `head_dim / 2` values per position, where the backend reads them.
 pub struct RopeTable {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    half: usize,
+    pub cos: Buf,
+    pub sin: Buf,
 }
 
 impl RopeTable {
-    pub fn new(cfg: &RopeConfig, head_dim: usize, len: usize) -> Self {
+    pub fn new(be: &dyn Backend, cfg: &RopeConfig, head_dim: usize, len: usize) -> Result<Self> {
         let inv = inv_freq(cfg, head_dim);
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(len * half);
@@ -51,20 +52,6 @@ impl RopeTable {
                 sin.push(angle.sin());
             }
         }
-        Self { cos, sin, half }
-    }
-
-    /// Rotates every head (`head_dim` values each) of one token at position `pos`, in place.
-    pub fn apply(&self, x: &mut [f32], pos: usize) {
-        let h = self.half;
-        let (cos, sin) = (&self.cos[pos * h..(pos + 1) * h], &self.sin[pos * h..(pos + 1) * h]);
-        for head in x.chunks_mut(2 * h) {
-            let (a, b) = head.split_at_mut(h);
-            for i in 0..h {
-                let (x1, x2) = (a[i], b[i]);
-                a[i] = x1 * cos[i] - x2 * sin[i];
-                b[i] = x2 * cos[i] + x1 * sin[i];
-            }
-        }
+        Ok(Self { cos: be.upload(&cos)?, sin: be.upload(&sin)? })
     }
 }

@@ -1,66 +1,77 @@
 //! Preallocated run state: activation buffers for up to `rows` tokens, the KV cache, and the rope
-//! tables for `capacity` positions. Decoding reuses it token after token without allocating.
+//! tables for `capacity` positions, all in the backend's memory. Decoding reuses it token after
+//! token without allocating.
 
-use super::ffn::KeptRows;
 use super::kv_cache::KvCache;
 use super::rope::RopeTable;
 use crate::config::ModelConfig;
-use crate::kernels::cpu::MAX_FFN_CHUNKS;
+use crate::error::Result;
+use crate::kernels::{Backend, Buf, FfnScratch, Graphs, Step};
 use crate::sparsity::{NeuronMask, NeuronStats};
 
 pub struct State {
     rows: usize,
     /// Residual stream, `rows x hidden`.
-    pub x: Vec<f32>,
+    pub x: Buf,
     /// Normalised input of a sub-block, `rows x hidden`.
-    pub xb: Vec<f32>,
+    pub xb: Buf,
     /// Output of a sub-block, `rows x hidden`.
-    pub out: Vec<f32>,
-    pub q: Vec<f32>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub out: Buf,
+    pub q: Buf,
+    pub k: Buf,
+    pub v: Buf,
     /// Attention context before the output projection, `rows x q_dim`.
-    pub ctx: Vec<f32>,
+    pub ctx: Buf,
     /// FFN intermediate activation and scratch, `rows x intermediate`.
-    pub ffn_a: Vec<f32>,
-    pub ffn_u: Vec<f32>,
-    /// Partial sums of the decode FFN kernel, `MAX_FFN_CHUNKS x hidden`.
-    pub ffn_partials: Vec<f32>,
-    /// Per layer, the compact copy of the kept neurons' rows (filled only for short rows).
-    pub ffn_kept_rows: Vec<KeptRows>,
+    pub ffn_a: Buf,
+    pub ffn_u: Buf,
+    /// The token ids and first position of the forward under way.
+    pub step: Step,
+    /// Per layer, the kept neurons where the backend's sparse kernels read them.
+    pub ffn: Vec<FfnScratch>,
+    /// Statistics of one observing forward, `layers x 2 x intermediate`, before they are added to `stats`.
+    pub stats_acc: Buf,
+    pub(crate) stats_host: Vec<f32>,
     /// Statistics of the prompt's FFN activations (filled by an observing prefill).
     pub stats: NeuronStats,
     /// The neurons sparse decoding keeps.
     pub mask: NeuronMask,
     /// Logits of the last token, `vocab`.
-    pub logits: Vec<f32>,
+    pub logits: Buf,
+    pub(crate) logits_host: Vec<f32>,
     pub cache: KvCache,
     pub ropes: Vec<RopeTable>,
+    /// The backend's recordings of this state's decode steps.
+    pub graphs: Graphs,
 }
 
 impl State {
-    pub fn new(cfg: &ModelConfig, rows: usize, capacity: usize) -> Self {
+    pub fn new(cfg: &ModelConfig, be: &dyn Backend, rows: usize, capacity: usize) -> Result<Self> {
         let rows = rows.max(1);
-        let (d, n) = (cfg.hidden_size, cfg.intermediate_size);
-        Self {
+        let (d, n, l) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers);
+        Ok(Self {
             rows,
-            x: vec![0.0; rows * d],
-            xb: vec![0.0; rows * d],
-            out: vec![0.0; rows * d],
-            q: vec![0.0; rows * cfg.q_dim()],
-            k: vec![0.0; rows * cfg.kv_dim()],
-            v: vec![0.0; rows * cfg.kv_dim()],
-            ctx: vec![0.0; rows * cfg.q_dim()],
-            ffn_a: vec![0.0; rows * n],
-            ffn_u: vec![0.0; rows * n],
-            ffn_partials: vec![0.0; MAX_FFN_CHUNKS * d],
-            ffn_kept_rows: (0..cfg.num_layers).map(|_| KeptRows::default()).collect(),
-            stats: NeuronStats::new(cfg.num_layers, n),
-            mask: NeuronMask::new(cfg.num_layers, n),
-            logits: vec![0.0; cfg.vocab_size],
-            cache: KvCache::new(cfg.num_layers, cfg.kv_dim(), capacity),
-            ropes: cfg.ropes.iter().map(|r| RopeTable::new(r, cfg.head_dim, capacity)).collect(),
-        }
+            x: be.zeros(rows * d)?,
+            xb: be.zeros(rows * d)?,
+            out: be.zeros(rows * d)?,
+            q: be.zeros(rows * cfg.q_dim())?,
+            k: be.zeros(rows * cfg.kv_dim())?,
+            v: be.zeros(rows * cfg.kv_dim())?,
+            ctx: be.zeros(rows * cfg.q_dim())?,
+            ffn_a: be.zeros(rows * n)?,
+            ffn_u: be.zeros(rows * n)?,
+            step: be.new_step(rows)?,
+            ffn: (0..l).map(|_| be.new_ffn_scratch()).collect(),
+            stats_acc: be.zeros(2 * l * n)?,
+            stats_host: vec![0.0; 2 * l * n],
+            stats: NeuronStats::new(l, n),
+            mask: NeuronMask::new(l, n),
+            logits: be.zeros(cfg.vocab_size)?,
+            logits_host: vec![0.0; cfg.vocab_size],
+            cache: KvCache::new(be, l, cfg.kv_dim(), capacity)?,
+            ropes: cfg.ropes.iter().map(|r| RopeTable::new(be, r, cfg.head_dim, capacity)).collect::<Result<_>>()?,
+            graphs: None,
+        })
     }
 
     pub fn rows(&self) -> usize {

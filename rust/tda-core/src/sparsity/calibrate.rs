@@ -19,8 +19,8 @@
 //! (the Lagrangian of "fewest weights for a total error"); `mu` is then bisected against the
 //! real held-out perplexity, so the budget is checked by measurement, not by the estimate.
 
+use super::score::Prefixed;
 use super::spec::{Sparsity, Thresholds};
-use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::{FfnMode, Logits, Model, State};
 use serde_json::json;
@@ -121,7 +121,7 @@ const GRID: [f64; 20] =
 
 /// Quality-budget calibration over validation windows (`prefix` dense tokens, the rest scored).
 pub fn budget_search(
-    engine: &Engine,
+    model: &Arc<Model>,
     profile: &LengthProfile,
     validation: &[Vec<u32>],
     prefix: usize,
@@ -130,7 +130,6 @@ pub fn budget_search(
     if !(max_increase > 0.0 && max_increase.is_finite()) {
         return Err(Error::arg(format!("max_ppl_increase must be > 0, got {max_increase}")));
     }
-    let model = engine.model();
     let layers = model.cfg.num_layers;
     let down_norms = model.down_row_norms()?;
     // Per window: dense prefix (kept for every evaluation), and the layers' sensitivity curves.
@@ -142,8 +141,8 @@ pub fn budget_search(
     let mut taus = Vec::new();
     let grid_thresholds: Vec<Thresholds> = GRID.iter().map(|&d| profile.thresholds(&vec![d; layers])).collect();
     for w in validation {
-        let mut p = engine.prefill_scored(w, prefix)?;
-        let (lp, energy) = engine.score_dense_energy(&mut p)?;
+        let mut p = Prefixed::new(model, w, prefix)?;
+        let (lp, energy) = p.dense_energy()?;
         dense_lp += lp.iter().map(|&x| x as f64).sum::<f64>();
         tokens += lp.len();
         for (l, sl) in sens.iter_mut().enumerate() {
@@ -181,7 +180,7 @@ pub fn budget_search(
         let spec = Sparsity::Tda(th);
         let (mut lp, mut kept, mut slots) = (0f64, 0usize, 0usize);
         for p in prefixed.iter_mut() {
-            let (l, k) = engine.score_prefixed(p, &spec)?;
+            let (l, k) = p.score(&spec)?;
             lp += l.iter().map(|&x| x as f64).sum::<f64>();
             kept += k.iter().sum::<usize>();
             slots += k.len() * model.cfg.intermediate_size;

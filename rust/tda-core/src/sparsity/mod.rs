@@ -8,10 +8,12 @@
 pub mod calibrate;
 pub mod corpus;
 pub mod mask;
+pub mod score;
 pub mod spec;
 pub mod stats;
 
 pub use calibrate::{BudgetReport, LengthProfile};
 pub use mask::NeuronMask;
+pub use score::Prefixed;
 pub use spec::{Sparsity, Thresholds};
 pub use stats::NeuronStats;

@@ -34,6 +34,18 @@ impl NeuronStats {
         self.sum_sq.iter_mut().chain(self.griffin.iter_mut()).for_each(|v| v.fill(0.0));
     }
 
+    /// Adds the statistics of one forward over `rows` prompt rows: `acc` holds, per layer, the `n`
+    /// sums of `A^2` and then the `n` sums of the row-normalised `A^2` (see `Backend::observe`).
+    pub fn add(&mut self, rows: usize, acc: &[f32]) {
+        let n = self.n;
+        self.tokens += rows;
+        for (l, (ss, gr)) in self.sum_sq.iter_mut().zip(self.griffin.iter_mut()).enumerate() {
+            let (a, g) = acc[2 * l * n..2 * (l + 1) * n].split_at(n);
+            ss.iter_mut().zip(a).for_each(|(s, a)| *s += a);
+            gr.iter_mut().zip(g).for_each(|(s, g)| *s += g);
+        }
+    }
+
     /// Adds `rows` rows of layer `layer`'s activation `a` (`rows x n`). Layer 0 counts the rows.
     pub fn observe(&mut self, layer: usize, a: &[f32], rows: usize) {
         let n = self.n;

@@ -1,4 +1,4 @@
-//! CPU kernels on plain slices: weights in f32, bf16 or f16, activations and accumulation in f32.
+//! The CPU backend ([`CpuBackend`]) and its kernels on plain slices: weights in f32, bf16 or f16, activations and accumulation in f32.
 
 use crate::error::{Error, Result};
 use candle_core::{CpuStorage, Storage, Tensor};
@@ -30,11 +30,13 @@ pub fn with_weights<R>(t: &Tensor, f: impl FnOnce(WeightSlice<'_>) -> R) -> Resu
     })
 }
 
+mod backend;
 mod gemm;
 mod memory;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use backend::{activate, CpuBackend, KeptRows, COMPACT_BELOW_BYTES};
 pub use gemm::matmul;
 pub use memory::{huge_page_copy, on_huge_pages, RowCopy};
 
@@ -318,7 +320,7 @@ fn axpy_half<T: Copy>(a: f32, row: &[T], y: &mut [f32], convert: impl Fn(&[T], &
 /// The weights of one gated FFN for [`ffn_decode`]: `gate` and `up` are `n x d`, `down_t` is the
 /// down projection transposed, `n x d`, so that every neuron owns one contiguous row of each.
 #[derive(Clone, Copy)]
-pub struct FfnWeights<'a> {
+pub struct FfnRows<'a> {
     pub gate: WeightSlice<'a>,
     pub up: WeightSlice<'a>,
     pub down_t: WeightSlice<'a>,
@@ -340,7 +342,7 @@ pub const MAX_FFN_CHUNKS: usize = 32;
 #[allow(clippy::too_many_arguments)]
 pub fn ffn_decode(
     k: &Kernels,
-    w: FfnWeights<'_>,
+    w: FfnRows<'_>,
     n: usize,
     kept: Option<&[u32]>,
     x: &[f32],
@@ -476,7 +478,7 @@ mod tests {
                                 want[i] += a * dt[j * d + i] as f64;
                             }
                         }
-                        let w = FfnWeights { gate: wg, up: wu, down_t: wd, gate_bias: None, up_bias: None, d };
+                        let w = FfnRows { gate: wg, up: wu, down_t: wd, gate_bias: None, up_bias: None, d };
                         let mut partials = vec![0f32; MAX_FFN_CHUNKS * d];
                         let mut out = vec![0f32; d];
                         ffn_decode(k, w, n, sel, &x, act, &mut partials, &mut out);
