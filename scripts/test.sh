@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a virtual environment, builds the extension (release) and runs every test:
 # pytest (Python API, parity with HF transformers on fixtures and on two real GGUF models, CLI)
-# and cargo test (Rust units). The engine-level suites also run on every kernel path (portable, avx2).
+# and cargo test (Rust units), and the CUDA kernels under a CPU emulation. The engine-level suites also
+# run on every kernel path (portable, avx2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -17,3 +18,6 @@ for path in portable avx2; do
         tests/test_sparsity.py
 done
 cargo test --release -q -p tda-core
+# The CUDA kernels (rust/tda-core/src/kernels/cuda/*.cu) compiled as C++ for a CPU emulation of
+# blocks, warps and shuffles, against references written from the CPU backend (no GPU, no toolkit).
+bash rust/tda-core/src/kernels/cuda/emu/run.sh

@@ -219,7 +219,10 @@ class Engine:
 
         ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (the weights are converted), or
         ``"auto"`` for the dtype the checkpoint declares.
-        ``device``: ``"cpu"``.
+        ``device``: ``"cpu"``, or ``"cuda"`` / ``"cuda:N"`` in a build with CUDA support
+        (``scripts/build_cuda.sh``, docs/CUDA.md); a build without it, a machine without a GPU or
+        a bad index raise ``ValueError`` saying which; running out of device memory raises
+        ``MemoryError`` and leaves the engine usable.
         """
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")

@@ -170,7 +170,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--device",
         default="cpu",
-        help="device to run on (default: cpu)",
+        help="device to run on: cpu, cuda or cuda:N (default: cpu)",
     )
     r.add_argument(
         "--sparsity",
@@ -348,7 +348,7 @@ def _add_model_and_runtime(parser: argparse.ArgumentParser) -> None:
     """MODEL (optional positional) and --dtype/--device, for commands that take no prompt."""
     parser.add_argument("model", metavar="MODEL", nargs="?", default="default", help="the model (default: default)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision (default: float32)")
-    parser.add_argument("--device", default="cpu", help="device (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="device: cpu, cuda or cuda:N (default: cpu)")
 
 
 def _floats(s: str, what: str) -> list[float]:

@@ -1,0 +1,1 @@
+// emulation: see emu.h
