@@ -413,10 +413,18 @@ impl Backend for CudaBackend {
             return Err(Error::Internal(format!("a step of {} tokens for a state of {} rows", tokens.len(), s.rows)));
         }
         u32_of(start + tokens.len(), "the position")?;
-        let mut words = Vec::with_capacity(tokens.len() + 1);
-        words.push(start as u32);
-        words.extend_from_slice(tokens);
-        self.upload_bytes(s.start_ptr(), as_bytes(&words))?;
+        // [start, tokens...] in one copy; a decode step's fits on the stack (no allocation per token).
+        let (mut small, mut big) = ([0u32; 16], Vec::new());
+        let words: &mut [u32] = match tokens.len() < small.len() {
+            true => &mut small[..tokens.len() + 1],
+            false => {
+                big.resize(tokens.len() + 1, 0);
+                &mut big
+            }
+        };
+        words[0] = start as u32;
+        words[1..].copy_from_slice(tokens);
+        self.upload_bytes(s.start_ptr(), as_bytes(words))?;
         s.start = start;
         s.tokens = tokens.len();
         Ok(())
