@@ -46,6 +46,8 @@ pub struct Model {
     pub lm_head: Linear,
     /// Idle run states, reused by later calls (so that several threads can run at once).
     pool: Mutex<Vec<State>>,
+    /// The logits live on a device (not the CPU), where sampling reads them.
+    on_device: bool,
 }
 
 /// Which logits a forward pass produces.
@@ -95,7 +97,8 @@ impl Model {
             load_matrix(b, src, "lm_head.weight", v, d, dtype)?
         };
         let lm_head = Linear { weight: lm_weight, bias: None, in_dim: d, out_dim: v };
-        Ok(Self { cfg, dtype, be, embed, layers, final_norm, lm_head, pool: Mutex::new(vec![]) })
+        let on_device = be.device() != "cpu";
+        Ok(Self { cfg, dtype, be, embed, layers, final_norm, lm_head, pool: Mutex::new(vec![]), on_device })
     }
 
     /// `cpu` or `cuda:N`.
@@ -301,7 +304,7 @@ impl Model {
 
     /// Whether the logits stay on a device, where [`Model::sample_on_device`] can draw from them.
     pub fn samples_on_device(&self) -> bool {
-        !matches!(self.be.device().as_str(), "cpu")
+        self.on_device
     }
 
     /// Draws the next token from the last forward's logits on the device (the argmax when the
