@@ -82,73 +82,44 @@ template <typename T> __device__ __forceinline__ float dot_vec(const uint4 &w, c
 
 // ---- reductions --------------------------------------------------------------------------------
 
-__device__ __forceinline__ float warp_sum(float v) {
+struct SumOp {
+    template <class T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+    template <class T> __device__ __forceinline__ T operator()(T a, T b) const { return fmaxf(a, b); }
+};
+
+template <class T, class Op> __device__ __forceinline__ T warp_reduce(T v, Op op) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(FULL_MASK, v, o));
     return v;
 }
 
-__device__ __forceinline__ double warp_sum_d(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
-    return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-// `sh` holds at least 33 floats of shared memory. Ends with a barrier, so `sh` can be reused.
-__device__ __forceinline__ float block_sum(float v, float *sh) {
+// `op` over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+// `sh` holds at least 33 values of shared memory; `identity` fills the missing warps. Ends with a
+// barrier, so `sh` can be reused.
+template <class T, class Op> __device__ __forceinline__ T block_reduce(T v, T *sh, T identity, Op op) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = warp_reduce(v, op);
     if (lane == 0) sh[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        float t = lane < nw ? sh[lane] : 0.f;
-        t = warp_sum(t);
+        T t = lane < nw ? sh[lane] : identity;
+        t = warp_reduce(t, op);
         if (lane == 0) sh[32] = t;
     }
     __syncthreads();
-    const float r = sh[32];
+    const T r = sh[32];
     __syncthreads();
     return r;
 }
 
-__device__ __forceinline__ double block_sum_d(double v, double *sh) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum_d(v);
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        double t = lane < nw ? sh[lane] : 0.0;
-        t = warp_sum_d(t);
-        if (lane == 0) sh[32] = t;
-    }
-    __syncthreads();
-    const double r = sh[32];
-    __syncthreads();
-    return r;
-}
-
-__device__ __forceinline__ float block_max(float v, float *sh) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max(v);
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float t = lane < nw ? sh[lane] : -INFINITY;
-        t = warp_max(t);
-        if (lane == 0) sh[32] = t;
-    }
-    __syncthreads();
-    const float r = sh[32];
-    __syncthreads();
-    return r;
-}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumOp{}); }
+__device__ __forceinline__ double warp_sum_d(double v) { return warp_reduce(v, SumOp{}); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, MaxOp{}); }
+__device__ __forceinline__ float block_sum(float v, float *sh) { return block_reduce(v, sh, 0.f, SumOp{}); }
+__device__ __forceinline__ double block_sum_d(double v, double *sh) { return block_reduce(v, sh, 0.0, SumOp{}); }
+__device__ __forceinline__ float block_max(float v, float *sh) { return block_reduce(v, sh, -INFINITY, MaxOp{}); }
 
 // ---- activations (the CPU's formulas, in the same order of operations) -------------------------
 
