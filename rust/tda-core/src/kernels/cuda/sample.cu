@@ -253,6 +253,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         pick = 0xffffffffu;
         last = 0;
     }
+    // Whether probability p (> 0) is a candidate: in the top-p prefix (ties at its edge taken in
+    // index order, `r` counting this thread's ties) and above the min-p floor.
+    auto candidate = [&](float p, unsigned long long &r) {
+        const unsigned bits = __float_as_uint(p);
+        const bool in_p = !use_p || bits > V || (bits == V && r++ < pties);
+        return in_p && (!use_min || p >= floor_p);
+    };
     unsigned long long own = 0;
     {
         unsigned long long r = tie_base;
@@ -261,9 +268,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         for (unsigned i = b; i < e; ++i) {
             const float p = work[i];
             if (!(p > 0.f)) continue;
-            const unsigned bits = __float_as_uint(p);
-            const bool in_p = !use_p || bits > V || (bits == V && r++ < pties);
-            if (in_p && (!use_min || p >= floor_p)) {
+            if (candidate(p, r)) {
                 own += fixed(p);
                 my_last = i;
                 any = true;
@@ -280,9 +285,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         for (unsigned i = b; i < e; ++i) {
             const float p = work[i];
             if (!(p > 0.f)) continue;
-            const unsigned bits = __float_as_uint(p);
-            const bool in_p = !use_p || bits > V || (bits == V && r++ < pties);
-            if (in_p && (!use_min || p >= floor_p)) {
+            if (candidate(p, r)) {
                 c += fixed(p);
                 if (target < c) {
                     pick = i;
