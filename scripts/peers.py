@@ -104,14 +104,15 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     env = environment(args)
     print_environment(env)
-    prompt = None
+    prompt = long_prompt = None
     records = []
     for model in args.models:
         files = prepare_model(model, args)
         if prompt is None:
             prompt = prompt_ids(files.tokenizer, args.prompt_tokens)
+            long_prompt = prompt_ids(files.tokenizer, args.prefill_tokens)
         for precision in args.precisions:
-            records += measure_group(files, precision, prompt, args)
+            records += measure_group(files, precision, prompt, long_prompt, args)
     print_report(records, env, args)
 
 
@@ -128,6 +129,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of every engine")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default 64)")
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
+    ap.add_argument(
+        "--prefill-tokens", type=int, default=512, help="prompt of the timed prefill, in tokens (default 512; 0: none)"
+    )
     ap.add_argument("--repeat", type=int, default=3, help="rounds; each engine keeps its best (default 3)")
     ap.add_argument("--venv", type=Path, default=Path("/tmp/tda-peers-venv"), help="the peers' virtual environment")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/tda-peers"), help="converted models, logs, builds")
@@ -142,6 +146,8 @@ def parse_args() -> argparse.Namespace:
         setattr(a, name, values)
     if a.new_tokens < 2:
         ap.error("--new-tokens must be >= 2 (the first token comes from the prefill)")
+    if a.prefill_tokens < 0:
+        ap.error("--prefill-tokens must be >= 0")
     for name in ("layers", "threads", "prompt_tokens", "repeat"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -600,8 +606,43 @@ def model_path(files: ModelFiles, engine: str, precision: str) -> Path | None:
     return None if precision == "q4_1" else files.hf_dir
 
 
-def measure_group(files: ModelFiles, precision: str, prompt: list[int], args: argparse.Namespace) -> list[dict]:
+def weight_bytes(files: ModelFiles, precision: str) -> int | None:
+    """Bytes of weights one decode step reads: every matrix once (the LM head, which is the
+    embedding table when tied, included; of the embedding table itself only one row, left out),
+    at the precision's element size, from the float32 safetensors' header; for q4_1 the GGUF
+    file's tensor bytes. KV-cache reads (a few % at these prompt lengths) are not counted, so the
+    achieved rate is a lower bound."""
+    if precision == "q4_1":
+        path = files.gguf.get("q4_1")
+        if path is None:
+            return None
+        import gguf
+
+        r = gguf.GGUFReader(str(path))
+        names = {t.name for t in r.tensors}
+        tied = "output.weight" not in names
+        return sum(int(t.n_bytes) for t in r.tensors if tied or t.name != "token_embd.weight")
+    config = json.loads((files.hf_dir / "config.json").read_text())
+    tied = config.get("tie_word_embeddings", False)
+    params = 0
+    for f in files.hf_dir.glob("*.safetensors"):
+        raw = f.read_bytes()[:8]
+        (n,) = struct.unpack("<Q", raw)
+        with open(f, "rb") as fh:
+            fh.seek(8)
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name == "__metadata__" or (not tied and name.endswith("embed_tokens.weight")):
+                continue
+            params += math.prod(info["shape"])
+    return params * {"f32": 4, "f16": 2, "bf16": 2}[precision]
+
+
+def measure_group(
+    files: ModelFiles, precision: str, prompt: list[int], long_prompt: list[int], args: argparse.Namespace
+) -> list[dict]:
     """Loads every engine for one model and precision, then runs them in turns; one record each."""
+    wbytes = weight_bytes(files, precision)
     engines = [e for e in args.engines if model_path(files, e, precision) is not None]
     if not engines:
         print(f"{files.name} {precision}: no engine runs it (q4_1 is llama.cpp on SmolLM2 only)", file=sys.stderr)
@@ -620,6 +661,9 @@ def measure_group(files: ModelFiles, precision: str, prompt: list[int], args: ar
             "new_tokens": args.new_tokens,
             "decode_tokens": args.new_tokens - 1,
             "runs_tok_s": [],
+            "prefill_tokens": len(long_prompt),
+            "runs_prefill_tok_s": [],
+            "weight_bytes_per_token": wbytes,
         }
         records[engine] = rec
         spec = {
@@ -627,7 +671,7 @@ def measure_group(files: ModelFiles, precision: str, prompt: list[int], args: ar
             "path": str(path),
             "precision": precision,
             "threads": args.threads,
-            "n_ctx": len(prompt) + args.new_tokens + 16,
+            "n_ctx": max(len(prompt) + args.new_tokens, len(long_prompt)) + 16,
         }
         log = args.work_dir / "logs" / f"{files.name}-{precision}-{engine}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -658,7 +702,16 @@ def measure_group(files: ModelFiles, precision: str, prompt: list[int], args: ar
             tok_s = (args.new_tokens - 1) / reply["decode_s"]
             rec["runs_tok_s"].append(round(tok_s, 3))
             rec["tokens"] = reply["tokens"]
-            print(f"{files.name} {precision} {engine}: round {r + 1}: {tok_s:.2f} tok/s", file=sys.stderr, flush=True)
+            msg = f"{tok_s:.2f} tok/s"
+            if long_prompt:
+                reply = workers[engine].request({"cmd": "prefill", "ids": long_prompt})
+                if "error" in reply:
+                    rec["error"] = reply["error"]
+                    print(f"{files.name} {precision} {engine}: prefill failed: {reply['error']}", file=sys.stderr)
+                    continue
+                rec["runs_prefill_tok_s"].append(round(len(long_prompt) / reply["prefill_s"], 2))
+                msg += f", prefill {rec['runs_prefill_tok_s'][-1]:.1f} tok/s"
+            print(f"{files.name} {precision} {engine}: round {r + 1}: {msg}", file=sys.stderr, flush=True)
     after = cpu_seconds([w.proc.pid for w in workers.values()])
     other = other_cpu_share(before, after)
     for w in workers.values():
@@ -668,10 +721,16 @@ def measure_group(files: ModelFiles, precision: str, prompt: list[int], args: ar
             rec["other_cpu"] = round(other, 3)
         if rec["runs_tok_s"] and "error" not in rec:
             rec["decode_tok_s"] = max(rec["runs_tok_s"])
+            if wbytes:
+                rec["decode_weight_gb_s"] = round(rec["decode_tok_s"] * wbytes / 1e9, 2)
+            if rec["runs_prefill_tok_s"]:
+                rec["prefill_tok_s"] = max(rec["runs_prefill_tok_s"])
     ours = records.get("ours", {})
     for rec in records.values():
         if rec["engine"] != "ours" and "decode_tok_s" in rec and "decode_tok_s" in ours:
             rec["ours_over_peer"] = round(ours["decode_tok_s"] / rec["decode_tok_s"], 3)
+            if "prefill_tok_s" in rec and "prefill_tok_s" in ours:
+                rec["prefill_ours_over_peer"] = round(ours["prefill_tok_s"] / rec["prefill_tok_s"], 3)
             rec["tokens_matching_ours"] = matching_prefix(rec["tokens"], ours["tokens"])
     return list(records.values())
 
@@ -710,7 +769,8 @@ def matching_prefix(a: list[int], b: list[int]) -> int:
 
 def worker_main(spec: dict) -> None:
     """Loads one engine, then answers {"cmd": "run", "ids", "new_tokens"} lines with the generated
-    tokens and the decode time, until {"cmd": "quit"} or the end of its input. Only the protocol
+    tokens and the decode time, and {"cmd": "prefill", "ids"} lines with the time of one forward
+    over the ids (the first token's logits; the KV cache is filled), until {"cmd": "quit"} or the end of its input. Only the protocol
     goes to the real stdout; anything else printed there (by Python or C) goes to stderr."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -727,6 +787,12 @@ def worker_main(spec: dict) -> None:
         return
     for line in sys.stdin:
         msg = json.loads(line)
+        if msg.get("cmd") == "prefill":
+            try:
+                send({"prefill_s": runner.prefill(msg["ids"])})
+            except Exception as e:
+                send({"error": f"{type(e).__name__}: {e}"})
+            continue
         if msg.get("cmd") != "run":
             break
         try:
@@ -754,6 +820,10 @@ class OursRunner:
     def run(self, ids: list[int], n: int) -> tuple[list[int], float]:
         out = self.engine.generate(ids, max_new_tokens=n, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
         return out.token_ids, out.timings.decode_s
+
+    def prefill(self, ids: list[int]) -> float:
+        out = self.engine.generate(ids, max_new_tokens=1, temperature=0.0, ignore_eos=True)
+        return out.timings.prefill_s
 
 
 class HfRunner:
@@ -792,6 +862,14 @@ class HfRunner:
                 cache, tok = getattr(out, self.cache_arg), int(out.logits[0, -1].argmax())
                 tokens.append(tok)
             return tokens, time.perf_counter() - t0
+
+    def prefill(self, ids: list[int]) -> float:
+        torch, model = self.torch, self.model
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            int(out.logits[0, -1].argmax())
+            return time.perf_counter() - t0
 
 
 class LlamaCppRunner:
@@ -838,6 +916,13 @@ class LlamaCppRunner:
             tokens.append(tok)
         return tokens, time.perf_counter() - t0
 
+    def prefill(self, ids: list[int]) -> float:
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(ids)  # in batches of n_batch = 512
+        self._argmax()
+        return time.perf_counter() - t0
+
 
 RUNNERS = {"ours": OursRunner, "hf": HfRunner, "llama.cpp": LlamaCppRunner}
 
@@ -847,21 +932,41 @@ RUNNERS = {"ours": OursRunner, "hf": HfRunner, "llama.cpp": LlamaCppRunner}
 
 def print_report(records: list[dict], env: dict, args: argparse.Namespace) -> None:
     print()
-    header = ("model", "precision", "engine", "decode tok/s", "rounds (tok/s)", "ours/peer", "tokens = ours")
+    header = (
+        "model",
+        "precision",
+        "engine",
+        "decode tok/s",
+        "weights GB/s",
+        "rounds (tok/s)",
+        "ours/peer",
+        "tokens = ours",
+        "prefill tok/s",
+        "prefill ours/peer",
+    )
     rows = [header]
     notes = []
     for r in records:
         engine = ENGINE_NAMES[r["engine"]]
         if "decode_tok_s" not in r:
-            rows.append((r["model"], r["precision"], engine, "skipped", "", "", ""))
+            rows.append((r["model"], r["precision"], engine, "skipped", *[""] * (len(header) - 4)))
             notes.append(f"{r['model']} {r['precision']} {engine}: {r.get('error', 'no result')}")
             continue
         ratio = f"{r['ours_over_peer']:.2f}x" if "ours_over_peer" in r else ("-" if r["engine"] != "ours" else "")
         match = f"{r['tokens_matching_ours']}/{r['new_tokens']}" if "tokens_matching_ours" in r else ""
         runs = " ".join(f"{x:.2f}" for x in r["runs_tok_s"])
-        rows.append((r["model"], r["precision"], engine, f"{r['decode_tok_s']:.2f}", runs, ratio, match))
+        gbs = f"{r['decode_weight_gb_s']:.1f}" if "decode_weight_gb_s" in r else ""
+        pre = f"{r['prefill_tok_s']:.1f}" if "prefill_tok_s" in r else ""
+        pratio = (
+            f"{r['prefill_ours_over_peer']:.2f}x"
+            if "prefill_ours_over_peer" in r
+            else ("-" if r["engine"] != "ours" and pre else "")
+        )
+        rows.append(
+            (r["model"], r["precision"], engine, f"{r['decode_tok_s']:.2f}", gbs, runs, ratio, match, pre, pratio)
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    right = {3, 5, 6}
+    right = {3, 4, 6, 7, 8, 9}
     for k, row in enumerate(rows):
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         print("  ".join(cells).rstrip())
@@ -869,7 +974,9 @@ def print_report(records: list[dict], env: dict, args: argparse.Namespace) -> No
             print("  ".join("-" * w for w in widths))
     print(
         "\nours/peer: tda-engine's decode tok/s over the peer's, same model and precision (> 1: tda-engine "
-        "is faster). tokens = ours: leading greedy tokens equal to tda-engine's (low precisions may drift). "
+        "is faster). weights GB/s: decode tok/s x the weight bytes one step reads (KV cache not counted), to set "
+        "against the roofline probe of the Rust benches (cargo run --release -p tda-bench --bin kernels). "
+        "prefill: one forward over --prefill-tokens ids, best of the rounds. tokens = ours: leading greedy tokens equal to tda-engine's (low precisions may drift). "
         "other_cpu (JSON): the share of the CPUs that other processes used during that group's rounds."
     )
     for n in notes:

@@ -83,8 +83,11 @@ def _tokenizer_metadata() -> dict:
     }
 
 
-def build_pair(out: Path, qtype: str, seed: int = 0, skip_keys: tuple[str, ...] = ()) -> tuple[Path, Path]:
-    """Writes `out/model-<qtype>.gguf` and the equivalent HF directory `out/hf-<qtype>/`."""
+def build_pair(
+    out: Path, qtype: str, seed: int = 0, skip_keys: tuple[str, ...] = (), overrides: dict | None = None
+) -> tuple[Path, Path]:
+    """Writes `out/model-<qtype>.gguf` and the equivalent HF directory `out/hf-<qtype>/`; `overrides`
+    replaces the values of GGUF metadata keys (for corrupt-header tests)."""
     rng = np.random.default_rng(seed)
     tk = _tokenizer_metadata()
     vocab = len(tk["tokens"])
@@ -144,7 +147,7 @@ def build_pair(out: Path, qtype: str, seed: int = 0, skip_keys: tuple[str, ...] 
     ]
     for key, add, value in meta:
         if key not in skip_keys:
-            add(key, value)
+            add(key, (overrides or {}).get(key, value))
     for name, raw, t in tensors:
         w.add_tensor(name, raw, raw_dtype=Q[t])
     w.write_header_to_file()

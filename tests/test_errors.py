@@ -146,6 +146,51 @@ def test_config_missing_field(tmp_path, field):
     check_raises(ValueError, lambda: _load(d), field)
 
 
+# Counts far beyond any model: refused when the config is read, before anything is sized by them.
+ABSURD = {
+    "num_hidden_layers": 10**9,
+    "hidden_size": 10**9,
+    "intermediate_size": 10**12,
+    "num_attention_heads": 10**9,
+    "num_key_value_heads": 10**9,
+    "head_dim": 10**9,
+    "vocab_size": 10**12,
+    "max_position_embeddings": 10**12,
+}
+# Counts a real model could have, but not this checkpoint: refused against the file's tensors,
+# before the weights they size are read.
+WRONG_FOR_THE_FILE = {
+    "num_hidden_layers": 4000,
+    "hidden_size": 100_000,
+    "intermediate_size": 1_000_000,
+    "vocab_size": 4_000_000,
+    "head_dim": 4000,
+}
+
+
+def _with_config(tmp_path, field, value):
+    d = copy_model(SINGLE, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [*sorted(ABSURD.items()), *sorted(WRONG_FOR_THE_FILE.items())],
+    ids=[*(f"absurd-{f}" for f in sorted(ABSURD)), *(f"wrong-for-the-file-{f}" for f in sorted(WRONG_FOR_THE_FILE))],
+)
+def test_oversized_config_fails_fast_naming_the_field(tmp_path, field, value):
+    import time
+
+    d = _with_config(tmp_path, field, value)
+    t = time.perf_counter()
+    check_raises(ValueError, lambda: _load(d), field, str(value))
+    # Before the checks, 10**9 layers kept the loader busy for over 90 s, or ran out of memory.
+    assert time.perf_counter() - t < 10
+
+
 def test_config_not_json(tmp_path):
     d = copy_model(SINGLE, tmp_path / "m")
     (d / "config.json").write_text("{ this is not json")

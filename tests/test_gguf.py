@@ -95,6 +95,23 @@ def test_missing_metadata_key(tmp_path, key):
     _raises_value_error(path, key)
 
 
+@pytest.mark.parametrize(
+    "key", ["llama.block_count", "llama.embedding_length", "llama.attention.head_count", "llama.context_length"]
+)
+def test_absurd_gguf_header_counts_fail_fast(tmp_path, key):
+    import time
+
+    path, _ = build_pair(tmp_path, "F32", overrides={key: 4_000_000_000})
+    t = time.perf_counter()
+    _raises_value_error(path, key, "4000000000")
+    assert time.perf_counter() - t < 10
+
+
+def test_gguf_with_more_layers_than_tensors_fails_fast(tmp_path):
+    path, _ = build_pair(tmp_path, "F32", overrides={"llama.block_count": 3000})
+    _raises_value_error(path, "num_hidden_layers", "3000", "layers.2999")
+
+
 def test_engine_usable_after_gguf_errors(pairs, tmp_path):
     p = tmp_path / "bad.gguf"
     p.write_bytes(b"GGUF" + b"\0" * 10)

@@ -246,6 +246,10 @@ fn main() {
     let m = machine();
     println!("machine: {} ({}), kernels {}", m["cpu"].as_str().unwrap_or(""), m["simd"], m["kernels"]);
     println!("device {}, roofline: {}", be.device(), roof.kind());
+    #[allow(irrefutable_let_patterns)]
+    if let tda_bench::Bandwidth::Host(r) = &roof {
+        tda_bench::print_probe(r);
+    }
     println!("model {name}, {threads} threads, prompt {} tokens, {} new tokens", args.prompt_tokens, args.new_tokens);
     println!(
         "{:<6} {:<12} {:>6} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>8} {:>7} {:>8}",

@@ -14,9 +14,10 @@
 
 use half::{bf16, f16};
 use std::time::Instant;
-use tda_bench::{machine, Roofline};
+use tda_bench::{machine, print_probe, Roofline};
 use tda_core::kernels::cpu::{
-    available, ffn_decode, gemv_with, huge_page_copy, kernels, FfnRows, WeightSlice, MAX_FFN_CHUNKS,
+    available, cpu, ffn_decode, gemv_with, huge_page_copy, kernels, rule, FfnRows, WeightSlice, DTYPES,
+    MAX_FFN_CHUNKS,
 };
 
 fn arg(name: &str, default: &str) -> String {
@@ -131,16 +132,28 @@ fn main() {
     let all = rayon::current_num_threads();
     let m = machine();
     println!("machine: {} ({}), {all} threads", m["cpu"].as_str().unwrap_or(""), m["simd"]);
+    print_probe(&roof);
+    let cpu = cpu();
+    let have: Vec<&str> = available().iter().map(|k| k.name).collect();
+    println!("\nkernel path per weight dtype (vendor {}, family {:#x}; paths here: {})", cpu.vendor, cpu.family, have.join(", "));
+    let mut json = vec![];
+    for (i, dtype) in DTYPES.iter().enumerate() {
+        let (rule_path, why) = rule(&cpu, &have, dtype);
+        let used = kernels().paths[i];
+        let forced = if used == rule_path { String::new() } else { format!(" (TDA_ENGINE_KERNELS: {used})") };
+        println!("  {dtype:<5} {rule_path}{forced}: {why}");
+        json.push(serde_json::json!({"bench": "path", "dtype": dtype, "rule": rule_path, "used": used, "why": why,
+            "vendor": cpu.vendor, "family": cpu.family}));
+    }
 
     println!("\ngemv {rows} x {cols}");
     println!(
-        "{:<6} {:<9} {:>7} {:>10} {:>8} {:>9} {:>7}",
+        "{:<6} {:<11} {:>7} {:>10} {:>8} {:>9} {:>7}",
         "dtype", "path", "threads", "us/call", "GB/s", "roof GB/s", "% roof"
     );
     let w = Mat::random(rows * cols, 1);
     let x: Vec<f32> = (0..cols).map(|i| ((i % 13) as f32 - 6.0) / 13.0).collect();
     let mut out = vec![0f32; rows];
-    let mut json = vec![];
     for dtype in &dtypes {
         for k in available() {
             for threads in [1, all] {
@@ -148,8 +161,10 @@ fn main() {
                 let (best, rl) =
                     pool.install(|| time(&roof, iters, || gemv_with(k, w.slice(dtype), cols, &x, &mut out)));
                 let gbs = (rows * cols * bytes_per(dtype)) as f64 / best / 1e9;
+                let di = DTYPES.iter().position(|d| d == dtype).unwrap_or(0);
+                let mark = if kernels().paths[di] == k.name { " (in use)" } else { "" };
                 println!(
-                    "{dtype:<6} {:<9} {threads:>7} {:>10.1} {gbs:>8.2} {rl:>9.2} {:>6.0}%",
+                    "{dtype:<6} {:<11} {threads:>7} {:>10.1} {gbs:>8.2} {rl:>9.2} {:>6.0}%{mark}",
                     k.name,
                     best * 1e6,
                     100.0 * gbs / rl
@@ -163,7 +178,7 @@ fn main() {
     drop(w);
 
     let (n, d) = (rows, cols);
-    println!("\nfused FFN decode, {n} neurons of width {d}, {all} threads, {} path", kernels().name);
+    println!("\nfused FFN decode, {n} neurons of width {d}, {all} threads, paths {}", kernels().name);
     println!(
         "{:<6} {:>7} {:<10} {:>10} {:>8} {:>9} {:>7} {:>8} {:>6} {:>9}",
         "dtype", "density", "layout", "us/call", "GB/s", "roof GB/s", "% roof", "speedup", "ideal", "copy ms"

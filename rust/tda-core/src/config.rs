@@ -286,6 +286,36 @@ impl ModelConfig {
     }
 }
 
+/// The largest value each count of a config may take. Every count sizes an allocation (weights, run
+/// state, rope tables), so a corrupt or absurd config is refused before anything is allocated. The
+/// limits sit far above every released model of the supported families (the largest: 126 layers,
+/// hidden size 16384, 128 heads, head_dim 256, a vocabulary of 262144, a context of 10 M) and far
+/// below what would exhaust a machine's memory just for bookkeeping.
+pub const LIMITS: &[(&str, u64)] = &[
+    ("num_hidden_layers", 1 << 12),
+    ("hidden_size", 1 << 17),
+    ("intermediate_size", 1 << 20),
+    ("num_attention_heads", 1 << 12),
+    ("num_key_value_heads", 1 << 12),
+    ("head_dim", 1 << 12),
+    ("vocab_size", 1 << 23),
+    ("max_position_embeddings", 1 << 26),
+    ("sliding_window", 1 << 26),
+    ("sliding_window_pattern", 1 << 12),
+];
+
+/// Checks `value` of the config field `field` against [`LIMITS`]; the error names `shown` (the
+/// field's name where it was read: the HF name, or a GGUF metadata key) and `source`.
+pub fn check_limit(field: &str, shown: &str, value: u64, source: &str) -> Result<()> {
+    match LIMITS.iter().find(|(f, _)| *f == field) {
+        Some(&(_, max)) if value > max => Err(Error::model(format!(
+            "{source}: '{shown}' is {value}, more than any supported model has (at most {max}); \
+             the config is corrupt or not for this engine"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn model_type_to_arch(t: &str) -> Option<&'static str> {
     Some(match t {
         "llama" => "LlamaForCausalLM",
@@ -442,10 +472,15 @@ impl Fields<'_> {
     fn req_usize(&self, key: &str) -> Result<usize> {
         self.opt_usize(key)?.ok_or_else(|| Error::model(format!("{}: missing required field '{key}'", self.source)))
     }
+    /// A count, checked against its [`LIMITS`] entry before anything is sized by it.
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| self.bad(key, "a non-negative integer")),
+            Some(v) => {
+                let x = v.as_u64().ok_or_else(|| self.bad(key, "a non-negative integer"))?;
+                check_limit(key, key, x, self.source)?;
+                Ok(Some(x as usize))
+            }
         }
     }
     fn opt_f64(&self, key: &str) -> Result<Option<f64>> {

@@ -64,16 +64,24 @@ impl GgufFile {
         let content = Content::read(&mut file).map_err(bad)?;
         let file_size = file.metadata().map_err(|e| Error::model(e.to_string()))?.len();
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let block = info.ggml_dtype.block_size();
-            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
-            let end = content.tensor_data_offset + info.offset + bytes;
-            if elems % block != 0 || end > file_size {
+            // Checked arithmetic: a corrupt directory's dimensions must not wrap around into a
+            // small, plausible size.
+            let elems = info.shape.dims().iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+            let block = info.ggml_dtype.block_size() as u64;
+            let end = elems.filter(|e| e % block == 0).and_then(|e| {
+                (e / block)
+                    .checked_mul(info.ggml_dtype.type_size() as u64)?
+                    .checked_add(content.tensor_data_offset)?
+                    .checked_add(info.offset)
+            });
+            let Some(_) = end.filter(|&end| end <= file_size) else {
+                let end = end.map_or("beyond any file size".to_string(), |e| format!("up to {e}"));
                 return Err(Error::model(format!(
-                    "truncated or corrupt GGUF file {}: tensor '{name}' needs bytes up to {end}, the file has {file_size}",
-                    path.display()
+                    "truncated or corrupt GGUF file {}: tensor '{name}' (shape {:?}) needs bytes {end}, the file has {file_size}",
+                    path.display(),
+                    info.shape.dims()
                 )));
-            }
+            };
         }
         let arch = meta_str(&content, "general.architecture", path)?.to_string();
         Ok(Self { path: path.to_path_buf(), content, file: Mutex::new(file), arch })
@@ -95,14 +103,33 @@ impl GgufFile {
             ))
         })?;
         let key = |k: &str| format!("{a}.{k}");
-        let req = |k: &str| -> Result<u64> { self.meta_u64(&key(k))?.ok_or_else(|| self.missing(&key(k))) };
+        let source = self.path.display().to_string();
+        // Each count is checked against the config limits under its GGUF name, before it sizes anything.
+        let opt = |k: &str, hf: &str| -> Result<Option<u64>> {
+            let v = self.meta_u64(&key(k))?;
+            if let Some(v) = v {
+                crate::config::check_limit(hf, &key(k), v, &source)?;
+            }
+            Ok(v)
+        };
+        let req = |k: &str| -> Result<u64> {
+            let hf = match k {
+                "attention.head_count" => "num_attention_heads",
+                "embedding_length" => "hidden_size",
+                "feed_forward_length" => "intermediate_size",
+                "block_count" => "num_hidden_layers",
+                "context_length" => "max_position_embeddings",
+                _ => "",
+            };
+            opt(k, hf)?.ok_or_else(|| self.missing(&key(k)))
+        };
         let heads = req("attention.head_count")?;
         let hidden = req("embedding_length")?;
         let embd = self.content.tensor_infos.get("token_embd.weight").ok_or_else(|| {
             Error::model(format!("GGUF file {} has no tensor 'token_embd.weight'", self.path.display()))
         })?;
         let vocab = embd.shape.dims()[0];
-        let head_dim = self.meta_u64(&key("attention.key_length"))?.unwrap_or(hidden / heads.max(1));
+        let head_dim = opt("attention.key_length", "head_dim")?.unwrap_or(hidden / heads.max(1));
         let mut c = Map::new();
         c.insert("architectures".into(), json!([class]));
         c.insert("model_type".into(), json!(model_type));
@@ -110,7 +137,7 @@ impl GgufFile {
         c.insert("intermediate_size".into(), json!(req("feed_forward_length")?));
         c.insert("num_hidden_layers".into(), json!(req("block_count")?));
         c.insert("num_attention_heads".into(), json!(heads));
-        c.insert("num_key_value_heads".into(), json!(self.meta_u64(&key("attention.head_count_kv"))?.unwrap_or(heads)));
+        c.insert("num_key_value_heads".into(), json!(opt("attention.head_count_kv", "num_key_value_heads")?.unwrap_or(heads)));
         c.insert("head_dim".into(), json!(head_dim));
         c.insert("vocab_size".into(), json!(vocab));
         c.insert("max_position_embeddings".into(), json!(req("context_length")?));
@@ -141,14 +168,14 @@ impl GgufFile {
                 )))
             }
         };
-        let window = self.meta_u64(&key("attention.sliding_window"))?;
+        let window = opt("attention.sliding_window", "sliding_window")?;
         match a {
             "gemma3" => {
                 c.insert("rope_theta".into(), json!(theta.unwrap_or(1_000_000.0)));
                 c.insert("rope_local_base_freq".into(), json!(10_000.0));
                 c.insert("rope_scaling".into(), scaling);
                 c.insert("sliding_window".into(), json!(window));
-                let pattern = self.meta_u64(&key("attention.sliding_window_pattern"))?.unwrap_or(6);
+                let pattern = opt("attention.sliding_window_pattern", "sliding_window_pattern")?.unwrap_or(6);
                 c.insert("sliding_window_pattern".into(), json!(pattern));
                 c.insert("query_pre_attn_scalar".into(), json!(head_dim));
                 c.insert("final_logit_softcapping".into(), Json::Null);
@@ -354,14 +381,15 @@ impl WeightSource for GgufFile {
             .gguf_name(name)
             .filter(|g| self.content.tensor_infos.contains_key(g))
             .ok_or_else(|| Error::model(format!("missing tensor '{name}' in GGUF file {}", self.path.display())))?;
-        let t = self.dequantize(&g)?;
-        if t.dims() != shape {
+        // The shape is checked from the directory, before the tensor is read or allocated.
+        let dims = self.content.tensor_infos[&g].shape.dims();
+        if dims != shape {
             return Err(Error::model(format!(
-                "tensor '{g}' in {} has shape {:?}, expected {shape:?}",
-                self.path.display(),
-                t.dims()
+                "tensor '{g}' in {} has shape {dims:?}, expected {shape:?}",
+                self.path.display()
             )));
         }
+        let t = self.dequantize(&g)?;
         let mut t = t.to_dtype(DType::F32)?;
         // llama.cpp permutes Llama's q/k rows (weights and biases) for its rope layout.
         let q_or_k = if g.contains(".attn_q.") {

@@ -67,9 +67,28 @@ impl Model {
             .into_iter()
             .find(|p| src.contains(&format!("{p}embed_tokens.weight")))
             .ok_or_else(|| Error::model("missing tensor 'model.embed_tokens.weight' in the checkpoint"))?;
+        // The config's layer count is checked against the checkpoint before any weight is read: a
+        // config claiming more layers than the file holds fails at once, not after loading them all.
+        // (Every other count is checked by the shape of the first tensor it sizes, which the sources
+        // compare before reading.)
+        let last = format!("{prefix}layers.{}.input_layernorm.weight", cfg.num_layers - 1);
+        if !src.contains(&last) {
+            return Err(Error::model(format!(
+                "num_hidden_layers is {}, but the checkpoint has no tensor '{last}': its layers end before that",
+                cfg.num_layers
+            )));
+        }
         let b = &*be;
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = load_matrix(b, src, &format!("{prefix}embed_tokens.weight"), v, d, dtype)?;
+        let sizes = |e: Error| match e {
+            Error::InvalidModel(m) if m.contains("expected") => Error::model(format!(
+                "{m}: the config's sizes do not match the checkpoint (vocab_size {v}, hidden_size {d}, \
+                 intermediate_size {}, num_attention_heads {}, num_key_value_heads {}, head_dim {})",
+                cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+            )),
+            e => e,
+        };
+        let embed = load_matrix(b, src, &format!("{prefix}embed_tokens.weight"), v, d, dtype).map_err(sizes)?;
         let norm = |name: &str| RmsNorm::load(b, src, name, d, cfg.norm, cfg.rms_norm_eps);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -77,13 +96,13 @@ impl Model {
             let sandwich = cfg.sandwich_norm;
             layers.push(Layer {
                 attn_norm: norm(&format!("{p}.input_layernorm"))?,
-                attn: Attention::load(b, src, &format!("{p}.self_attn"), &cfg, i, dtype)?,
+                attn: Attention::load(b, src, &format!("{p}.self_attn"), &cfg, i, dtype).map_err(sizes)?,
                 post_attn_norm: sandwich.then(|| norm(&format!("{p}.post_attention_layernorm"))).transpose()?,
                 ffn_norm: norm(&format!(
                     "{p}.{}",
                     if sandwich { "pre_feedforward_layernorm" } else { "post_attention_layernorm" }
                 ))?,
-                ffn: Ffn::load(b, src, &format!("{p}.mlp"), &cfg, dtype)?,
+                ffn: Ffn::load(b, src, &format!("{p}.mlp"), &cfg, dtype).map_err(sizes)?,
                 post_ffn_norm: sandwich.then(|| norm(&format!("{p}.post_feedforward_layernorm"))).transpose()?,
             });
         }

@@ -46,22 +46,33 @@ pub use memory::{huge_page_copy, on_huge_pages, RowCopy};
 /// The row entries also take the row the caller reads next, which they start prefetching.
 #[derive(Clone, Copy)]
 pub struct Kernels {
-    /// `portable`, `avx2` (AVX2 + FMA + F16C) or `avx512` (AVX-512F on top of those).
+    /// `portable`, `avx2` (AVX2 + FMA + F16C), `avx512` (AVX-512F on top of those) or `avx512bf16`
+    /// (`avx512` plus `vdpbf16ps` for bf16 rows); for the table in use, the paths it combines.
     pub name: &'static str,
+    /// The path of each weight dtype's loops, in [`DTYPES`] order.
+    pub paths: [&'static str; 3],
     dot_f32: unsafe fn(&[f32], &[f32], &[f32]) -> f32,
     dot_bf16: unsafe fn(&[bf16], &[f32], &[bf16]) -> f32,
     dot_f16: unsafe fn(&[f16], &[f32], &[f16]) -> f32,
+    /// Native bf16: a bf16 row with bf16 activations, f32 accumulation (`vdpbf16ps`). Where a
+    /// path has it, matrix-vector products over bf16 rows round their input to bf16 once and use it.
+    dot_bf16_bf16: Option<unsafe fn(&[bf16], &[bf16], &[bf16]) -> f32>,
     axpy_f32: unsafe fn(f32, &[f32], &mut [f32], &[f32]),
     axpy_bf16: unsafe fn(f32, &[bf16], &mut [f32], &[bf16]),
     axpy_f16: unsafe fn(f32, &[f16], &mut [f32], &[f16]),
     sum_f32: unsafe fn(&[f32]) -> f32,
 }
 
+/// The weight dtypes of the kernel table, in the order of [`Kernels::paths`].
+pub const DTYPES: [&str; 3] = ["f32", "bf16", "f16"];
+
 const PORTABLE: Kernels = Kernels {
     name: "portable",
+    paths: ["portable"; 3],
     dot_f32: |r, x, _| dot_portable(r, x),
     dot_bf16: |r, x, _| dot_half(r, x, |s, d| s.convert_to_f32_slice(d)),
     dot_f16: |r, x, _| dot_half(r, x, |s, d| s.convert_to_f32_slice(d)),
+    dot_bf16_bf16: None,
     axpy_f32: |a, r, y, _| axpy_portable(a, r, y),
     axpy_bf16: |a, r, y, _| axpy_half(a, r, y, |s, d| s.convert_to_f32_slice(d)),
     axpy_f16: |a, r, y, _| axpy_half(a, r, y, |s, d| s.convert_to_f32_slice(d)),
@@ -71,9 +82,11 @@ const PORTABLE: Kernels = Kernels {
 #[cfg(target_arch = "x86_64")]
 const AVX2: Kernels = Kernels {
     name: "avx2",
+    paths: ["avx2"; 3],
     dot_f32: x86::dot_f32,
     dot_bf16: x86::dot_bf16,
     dot_f16: x86::dot_f16,
+    dot_bf16_bf16: None,
     axpy_f32: x86::axpy_f32,
     axpy_bf16: x86::axpy_bf16,
     axpy_f16: x86::axpy_f16,
@@ -83,16 +96,28 @@ const AVX2: Kernels = Kernels {
 #[cfg(target_arch = "x86_64")]
 const AVX512: Kernels = Kernels {
     name: "avx512",
+    paths: ["avx512"; 3],
     dot_f32: x86::dot_f32_512,
     dot_bf16: x86::dot_bf16_512,
     dot_f16: x86::dot_f16_512,
+    dot_bf16_bf16: None,
     axpy_f32: x86::axpy_f32_512,
     axpy_bf16: x86::axpy_bf16_512,
     axpy_f16: x86::axpy_f16_512,
     sum_f32: x86::sum_f32_512,
 };
 
-/// Every path this CPU can run, slowest first; the last is the default.
+/// AVX-512 with `avx512_bf16`: bf16 rows against bf16 activations with `vdpbf16ps`, no widening.
+/// (`y += a * row` keeps the widening loop: its output is f32.)
+#[cfg(target_arch = "x86_64")]
+const AVX512BF16: Kernels = Kernels {
+    name: "avx512bf16",
+    paths: ["avx512bf16"; 3],
+    dot_bf16_bf16: Some(x86::dot_bf16_dp),
+    ..AVX512
+};
+
+/// Every path this CPU can run, slowest first.
 pub fn available() -> Vec<&'static Kernels> {
     #[allow(unused_mut)]
     let mut v = vec![&PORTABLE];
@@ -101,29 +126,147 @@ pub fn available() -> Vec<&'static Kernels> {
         v.push(&AVX2);
         if is_x86_feature_detected!("avx512f") {
             v.push(&AVX512);
+            if is_x86_feature_detected!("avx512bf16") {
+                v.push(&AVX512BF16);
+            }
         }
     }
     v
 }
 
 /// The names of all paths, for messages about the ones this CPU lacks.
-pub const PATHS: [&str; 3] = ["portable", "avx2", "avx512"];
+pub const PATHS: [&str; 4] = ["portable", "avx2", "avx512", "avx512bf16"];
 
-/// The path the kernels use: the fastest this CPU has, or the one `TDA_ENGINE_KERNELS` names
-/// (`portable`, `avx2`, `avx512`; a path the CPU lacks falls back to the best it has).
-/// `TDA_ENGINE_PORTABLE=1` is the same as `TDA_ENGINE_KERNELS=portable`. Chosen once.
+/// The CPU as the path rules see it: vendor and family from CPUID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cpu {
+    /// `GenuineIntel`, `AuthenticAMD`, ... (empty off x86).
+    pub vendor: String,
+    /// The display family (base family plus extended family): 6 for Intel's cores, 0x17 for
+    /// AMD Zen 1/2, 0x19 for Zen 3/4, 0x1A for Zen 5.
+    pub family: u32,
+}
+
+/// This machine's [`Cpu`].
+pub fn cpu() -> Cpu {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // CPUID leaves 0 and 1 exist on every x86-64 CPU.
+        let (l0, l1) = (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1));
+        let vendor: Vec<u8> = [l0.ebx, l0.edx, l0.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+        let base = (l1.eax >> 8) & 0xf;
+        let family = if base == 0xf { base + ((l1.eax >> 20) & 0xff) } else { base };
+        Cpu { vendor: String::from_utf8_lossy(&vendor).into_owned(), family }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Cpu { vendor: String::new(), family: 0 }
+}
+
+/// The path for weights of `dtype` (of [`DTYPES`]) on `cpu`, which has the paths `have`; and why.
+///
+/// A rule on the vendor, the family and the features, fixed in code from measurements, never a
+/// timing at start-up (noise would then change the path, and with it the floats, from run to run):
+/// - **Intel** (Xeon, AVX-512F, no avx512_bf16, 2 threads): AVX-512 and AVX2 both reach the
+///   bandwidth on the 7B shape (GEMV 11008 x 4096: f32 91% / 91%, bf16 93% / 93%, f16 89% / 88%);
+///   AVX-512 is ahead on narrow rows (49152 x 576: f32 94% / 92%, f16 79% / 76%). AVX-512.
+/// - **AMD with AVX-512** (Zen 4, family 0x19; issue 12's figures): AVX-512 loses to AVX2 on
+///   half-precision rows (GEMV 11008 x 4096: bf16 77% / 112%, f16 57% / 95% of the old probe);
+///   Zen 4 runs a 512-bit operation as two 256-bit halves, and the widening doubles the operations
+///   per byte. AVX2 for f32, bf16 and f16, whatever the family.
+/// - **avx512_bf16** (Zen 4, Sapphire Rapids and later) takes the bf16 rows on either vendor:
+///   `vdpbf16ps` multiplies 32 bf16 pairs per instruction with no widening at all, which is what
+///   llama.cpp does there (issue 12: 39 GB/s on that Zen 4, above our AVX2 loop's rate). No
+///   machine of these sessions has had the instruction: this one choice rests on the peer's figure.
+/// - Anything else: the widest path it has short of avx512bf16; portable without AVX2.
+pub fn rule(cpu: &Cpu, have: &[&str], dtype: &str) -> (&'static str, &'static str) {
+    let has = |p: &str| have.contains(&p);
+    if dtype == "bf16" && has("avx512bf16") {
+        return ("avx512bf16", "vdpbf16ps: bf16 pairs, no widening (llama.cpp's path on such CPUs)");
+    }
+    let amd = cpu.vendor == "AuthenticAMD";
+    if amd && has("avx2") {
+        return ("avx2", "AMD: 512-bit operations run as two halves; AVX2 measured faster on Zen 4");
+    }
+    if cpu.vendor == "GenuineIntel" && has("avx512") {
+        return ("avx512", "Intel: AVX-512 at least as fast as AVX2 on every shape measured");
+    }
+    if has("avx2") {
+        return ("avx2", "the widest path measured on this kind of CPU");
+    }
+    ("portable", "no AVX2: the portable loops")
+}
+
+/// The table of `path` (of [`PATHS`]) if this CPU has it.
+fn table(path: &str) -> Option<&'static Kernels> {
+    available().into_iter().find(|k| k.name == path)
+}
+
+/// One table from a path per dtype: each dtype's loops from its own path (the sum with f32's).
+fn combine(paths: [&'static str; 3]) -> Kernels {
+    let t = paths.map(|p| table(p).unwrap_or(&PORTABLE));
+    let name = if paths.iter().all(|p| *p == paths[0]) {
+        paths[0]
+    } else {
+        // Once per process: the table in use is built once.
+        Box::leak(DTYPES.iter().zip(paths).map(|(d, p)| format!("{d}:{p}")).collect::<Vec<_>>().join(",").into_boxed_str())
+    };
+    Kernels {
+        name,
+        paths,
+        dot_f32: t[0].dot_f32,
+        axpy_f32: t[0].axpy_f32,
+        sum_f32: t[0].sum_f32,
+        dot_bf16: t[1].dot_bf16,
+        axpy_bf16: t[1].axpy_bf16,
+        dot_bf16_bf16: t[1].dot_bf16_bf16,
+        dot_f16: t[2].dot_f16,
+        axpy_f16: t[2].axpy_f16,
+    }
+}
+
+/// The paths `TDA_ENGINE_KERNELS` asks for: one path for every dtype (`avx2`), or some dtypes'
+/// (`bf16=avx2,f16=avx512`; the others keep `default`). A path the CPU lacks falls back to the default.
+fn forced(spec: &str, default: [&'static str; 3]) -> [&'static str; 3] {
+    let known = |p: &str| PATHS.iter().copied().find(|k| *k == p).filter(|k| table(k).is_some());
+    let mut out = default;
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            None => {
+                if let Some(p) = known(part) {
+                    out = [p; 3];
+                }
+            }
+            Some((d, p)) => {
+                if let (Some(i), Some(p)) = (DTYPES.iter().position(|x| *x == d.trim()), known(p.trim())) {
+                    out[i] = p;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The table the kernels use: for each weight dtype the path of [`rule`] on this CPU, or the one
+/// `TDA_ENGINE_KERNELS` names (see [`forced`]). `TDA_ENGINE_PORTABLE=1` is the same as
+/// `TDA_ENGINE_KERNELS=portable`. Chosen once per process.
 #[inline]
 pub fn kernels() -> &'static Kernels {
-    static CHOSEN: std::sync::OnceLock<&'static Kernels> = std::sync::OnceLock::new();
+    static CHOSEN: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
     CHOSEN.get_or_init(|| {
-        let all = available();
+        let default = chosen_paths();
         let wanted = match std::env::var("TDA_ENGINE_KERNELS") {
-            Ok(name) => Some(name),
+            Ok(spec) => Some(spec),
             Err(_) => std::env::var_os("TDA_ENGINE_PORTABLE").map(|_| "portable".to_string()),
         };
-        let best = all[all.len() - 1];
-        wanted.and_then(|w| all.iter().copied().find(|k| k.name == w)).unwrap_or(best)
+        combine(wanted.map_or(default, |w| forced(&w, default)))
     })
+}
+
+/// The paths [`rule`] chooses on this CPU, per dtype ([`DTYPES`] order).
+pub fn chosen_paths() -> [&'static str; 3] {
+    let cpu = cpu();
+    let have: Vec<&str> = available().iter().map(|k| k.name).collect();
+    DTYPES.map(|d| rule(&cpu, &have, d).0)
 }
 
 impl Kernels {
@@ -166,6 +309,26 @@ impl Kernels {
         }
     }
 
+    /// Whether this table's bf16 rows take bf16 activations (`vdpbf16ps`); see [`Acts`].
+    #[inline]
+    pub fn native_bf16(&self) -> bool {
+        self.dot_bf16_bf16.is_some()
+    }
+
+    /// `W[r, :] . x` as [`Kernels::row_dot`], with the activations as [`Acts`]: bf16 rows use
+    /// `x`'s bf16 copy where the table multiplies bf16 natively.
+    #[inline]
+    pub fn row_dot_acts(&self, w: WeightSlice<'_>, r: usize, cols: usize, x: &Acts<'_>, next: Range<usize>) -> f32 {
+        match (w, x.bf16, self.dot_bf16_bf16) {
+            (WeightSlice::BF16(v), Some(xb), Some(dot)) => {
+                let (span, nspan) = (r * cols..(r + 1) * cols, next.start * cols..next.end * cols);
+                // SAFETY: as in `dot`; the table exists only on CPUs with avx512_bf16.
+                unsafe { dot(&v[span], &xb[..cols], &v[nspan]) }
+            }
+            _ => self.row_dot(w, r, cols, x.f32, next),
+        }
+    }
+
     /// `y += a * W[r, :]`, prefetching on into the rows `next`.
     #[inline]
     pub fn row_axpy(&self, w: WeightSlice<'_>, r: usize, cols: usize, a: f32, y: &mut [f32], next: Range<usize>) {
@@ -179,6 +342,34 @@ impl Kernels {
                 WeightSlice::F16(v) => (self.axpy_f16)(a, &v[span], y, &v[nspan]),
             }
         }
+    }
+}
+
+/// The input of a matrix-vector product: f32, plus its bf16 rounding where the table multiplies
+/// bf16 rows natively (made once per product, not once per row). Up to [`ACTS_ON_STACK`] values
+/// the copy lives on the stack: no allocation per token.
+pub struct Acts<'a> {
+    pub f32: &'a [f32],
+    pub bf16: Option<&'a [bf16]>,
+}
+
+/// Activations up to this length are rounded to bf16 on the stack.
+pub const ACTS_ON_STACK: usize = 8192;
+
+/// Runs `f` on `x` as [`Acts`] for weights `w` on table `k`.
+#[inline]
+pub fn with_acts<R>(k: &Kernels, w: WeightSlice<'_>, x: &[f32], f: impl FnOnce(&Acts<'_>) -> R) -> R {
+    if !(k.native_bf16() && matches!(w, WeightSlice::BF16(_))) {
+        return f(&Acts { f32: x, bf16: None });
+    }
+    if x.len() <= ACTS_ON_STACK {
+        let mut buf = [bf16::ZERO; ACTS_ON_STACK];
+        let b = &mut buf[..x.len()];
+        b.convert_from_f32_slice(x);
+        f(&Acts { f32: x, bf16: Some(b) })
+    } else {
+        let b: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        f(&Acts { f32: x, bf16: Some(&b) })
     }
 }
 
@@ -289,9 +480,13 @@ pub fn gemv_many(cols: usize, x: &[f32], parts: &mut [(WeightSlice<'_>, &mut [f3
 
 /// [`gemv`] on a given path.
 pub fn gemv_with(k: &Kernels, w: WeightSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
-    let rows = out.len();
     debug_assert_eq!(x.len(), cols);
-    let row_dot = |r: usize| k.row_dot(w, r, cols, x, r + 1..rows);
+    with_acts(k, w, &x[..cols], |x| gemv_acts(k, w, cols, x, out))
+}
+
+fn gemv_acts(k: &Kernels, w: WeightSlice<'_>, cols: usize, x: &Acts<'_>, out: &mut [f32]) {
+    let rows = out.len();
+    let row_dot = |r: usize| k.row_dot_acts(w, r, cols, x, r + 1..rows);
     if rows * cols < 2 * MIN_PARALLEL_WORK {
         for (r, o) in out.iter_mut().enumerate() {
             *o = row_dot(r);
@@ -356,6 +551,22 @@ pub fn ffn_decode(
     if count == 0 {
         return;
     }
+    with_acts(k, w.gate, &x[..d], |x| ffn_decode_acts(k, w, n, kept, x, act, partials, out))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ffn_decode_acts(
+    k: &Kernels,
+    w: FfnRows<'_>,
+    n: usize,
+    kept: Option<&[u32]>,
+    x: &Acts<'_>,
+    act: impl Fn(f32) -> f32 + Sync,
+    partials: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = w.d;
+    let count = kept.map_or(n, <[u32]>::len);
     let neuron = |i: usize| kept.map_or(i, |k| k[i] as usize);
     // Skipped neurons break the sequential stream the hardware prefetcher follows: the kernels
     // prefetch on into the next kept neuron's rows. (Rows much shorter than PREFETCH_AHEAD still
@@ -370,8 +581,8 @@ pub fn ffn_decode(
                 Some(_) if i + 1 < end => neuron(i + 1)..neuron(i + 1) + 1,
                 Some(_) => 0..0,
             };
-            let g = k.row_dot(w.gate, j, d, x, next.clone()) + w.gate_bias.map_or(0.0, |b| b[j]);
-            let u = k.row_dot(w.up, j, d, x, next.clone()) + w.up_bias.map_or(0.0, |b| b[j]);
+            let g = k.row_dot_acts(w.gate, j, d, x, next.clone()) + w.gate_bias.map_or(0.0, |b| b[j]);
+            let u = k.row_dot_acts(w.up, j, d, x, next.clone()) + w.up_bias.map_or(0.0, |b| b[j]);
             k.row_axpy(w.down_t, j, d, act(g) * u, acc, next);
         }
     };
@@ -408,6 +619,42 @@ mod tests {
         all
     }
 
+    /// The activations as the path multiplies them: rounded to bf16 for bf16 rows on a native
+    /// bf16 path (the reference then differs from the kernel only by f32 summation order).
+    fn acts_as_multiplied(k: &Kernels, w: WeightSlice<'_>, x: &[f32]) -> Vec<f32> {
+        if k.native_bf16() && matches!(w, WeightSlice::BF16(_)) {
+            x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+        } else {
+            x.to_vec()
+        }
+    }
+
+    #[test]
+    fn rule_picks_avx512_on_intel_avx2_on_amd_and_vdpbf16ps_for_bf16_where_present() {
+        let intel = Cpu { vendor: "GenuineIntel".into(), family: 6 };
+        let zen4 = Cpu { vendor: "AuthenticAMD".into(), family: 0x19 };
+        let other = Cpu { vendor: "HygonGenuine".into(), family: 0x18 };
+        let pick = |c: &Cpu, have: &[&str]| DTYPES.map(|d| rule(c, have, d).0);
+        let x512 = ["portable", "avx2", "avx512"];
+        let bf = ["portable", "avx2", "avx512", "avx512bf16"];
+        assert_eq!(pick(&intel, &x512), ["avx512"; 3]);
+        assert_eq!(pick(&intel, &bf), ["avx512", "avx512bf16", "avx512"]);
+        assert_eq!(pick(&zen4, &x512), ["avx2"; 3]);
+        assert_eq!(pick(&zen4, &bf), ["avx2", "avx512bf16", "avx2"]);
+        assert_eq!(pick(&zen4, &["portable", "avx2"]), ["avx2"; 3]);
+        assert_eq!(pick(&other, &x512), ["avx2"; 3]);
+        assert_eq!(pick(&intel, &["portable"]), ["portable"; 3]);
+        // The chosen table has this CPU's paths, and forcing replaces them dtype by dtype.
+        let chosen = chosen_paths();
+        let have: Vec<&str> = available().iter().map(|k| k.name).collect();
+        assert!(chosen.iter().all(|p| have.contains(p)), "{chosen:?} not in {have:?}");
+        assert_eq!(forced("portable", chosen), ["portable"; 3]);
+        assert_eq!(forced("bf16=portable", chosen), [chosen[0], "portable", chosen[2]]);
+        assert_eq!(forced("no-such-path,f16=nope", chosen), chosen);
+        let mixed = combine(["portable", chosen[1], "portable"]);
+        assert_eq!(mixed.paths, ["portable", chosen[1], "portable"]);
+    }
+
     fn reference(w: &[f32], cols: usize, x: &[f32]) -> Vec<f32> {
         w.chunks(cols).map(|r| r.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32).collect()
     }
@@ -428,7 +675,7 @@ mod tests {
                 for (ws, wf) in cases {
                     let mut out = vec![0f32; rows];
                     gemv_with(k, ws, cols, &x, &mut out);
-                    let want = reference(&wf, cols, &x);
+                    let want = reference(&wf, cols, &acts_as_multiplied(k, ws, &x));
                     for (a, b) in out.iter().zip(&want) {
                         assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{} {rows}x{cols}: {a} vs {b}", k.name);
                     }
@@ -464,14 +711,15 @@ mod tests {
                     (WeightSlice::F16(&gh), WeightSlice::F16(&uh), WeightSlice::F16(&dh)),
                 ];
                 for (wg, wu, wd) in cases {
-                    // The reference uses the same (rounded) weights, in f64.
+                    // The reference uses the same (rounded) weights and activations, in f64.
                     let (g, u, dt) = (widen(wg), widen(wu), widen(wd));
+                    let xr = acts_as_multiplied(k, wg, &x);
                     for sel in [None, Some(&kept[..])] {
                         let mut want = vec![0f64; d];
                         let idx: Vec<usize> = sel.map_or((0..n).collect(), |k| k.iter().map(|&j| j as usize).collect());
                         for &j in &idx {
                             let dotf = |w: &[f32]| -> f64 {
-                                w[j * d..(j + 1) * d].iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum()
+                                w[j * d..(j + 1) * d].iter().zip(&xr).map(|(a, b)| *a as f64 * *b as f64).sum()
                             };
                             let a = act(dotf(&g) as f32) as f64 * dotf(&u);
                             for i in 0..d {
@@ -512,6 +760,11 @@ mod tests {
                     let tol = 1e-4 * (1.0 + wf.iter().zip(&x).map(|(a, b)| (a * b).abs() as f64).sum::<f64>());
                     let d = k.row_dot(ws, 0, n, &x, 0..0) as f64;
                     assert!((d - want_dot).abs() <= tol, "{} dot n={n}: {d} vs {want_dot}", k.name);
+                    // With the activations as a matrix-vector product hands them (bf16 on a native path).
+                    let xr = acts_as_multiplied(k, ws, &x);
+                    let want_acts: f64 = wf.iter().zip(&xr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let d = with_acts(k, ws, &x, |a| k.row_dot_acts(ws, 0, n, a, 0..0)) as f64;
+                    assert!((d - want_acts).abs() <= tol, "{} acts dot n={n}: {d} vs {want_acts}", k.name);
                     let mut y = x.clone();
                     k.row_axpy(ws, 0, n, 0.5, &mut y, 0..0);
                     for ((a, xi), wi) in y.iter().zip(&x).zip(&wf) {

@@ -229,3 +229,36 @@ pub unsafe fn sum_f32_512(a: &[f32]) -> f32 {
     _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
         + a[i..].iter().sum::<f32>()
 }
+
+/// A bf16 row `a` against bf16 activations `x` with `vdpbf16ps`: each instruction multiplies 32
+/// bf16 pairs exactly and adds them, pair by pair, into 16 f32 lanes (round to nearest even,
+/// denormals flushed). 4 accumulators of 32 values, then 32 at a time, then scalar.
+/// # Safety
+/// The CPU must have AVX-512F and AVX512_BF16; `a.len() == x.len()`.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub unsafe fn dot_bf16_dp(a: &[bf16], x: &[bf16], next: &[bf16]) -> f32 {
+    let n = x.len();
+    debug_assert_eq!(a.len(), n);
+    let (pa, px) = (a.as_ptr(), x.as_ptr());
+    let load = |p: *const bf16| -> __m512bh { std::mem::transmute(_mm512_loadu_si512(p as *const __m512i)) };
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 128 <= n {
+        prefetch_ahead(a, next, i, 4);
+        for (k, s) in acc.iter_mut().enumerate() {
+            let o = i + 32 * k;
+            *s = _mm512_dpbf16_ps(*s, load(pa.add(o)), load(px.add(o)));
+        }
+        i += 128;
+    }
+    while i + 32 <= n {
+        acc[0] = _mm512_dpbf16_ps(acc[0], load(pa.add(i)), load(px.add(i)));
+        i += 32;
+    }
+    let mut s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    while i < n {
+        s += a.get_unchecked(i).to_f32() * x.get_unchecked(i).to_f32();
+        i += 1;
+    }
+    s
+}
