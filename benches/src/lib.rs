@@ -1,6 +1,8 @@
 //! Shared pieces of the benchmark binaries: the machine's streaming read bandwidth (the roofline
 //! that decoding is measured against) and a description of the machine.
 
+pub mod timed;
+
 use rayon::prelude::*;
 use std::sync::Arc;
 use std::time::Instant;

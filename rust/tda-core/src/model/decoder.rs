@@ -209,6 +209,22 @@ impl Model {
         mode: FfnMode,
         logits: Logits<'_>,
     ) -> Result<()> {
+        let mut logits = Some(logits);
+        self.be.in_pool(&mut || match logits.take() {
+            Some(l) => self.forward_here(tokens, start, st, mode, l),
+            None => Err(Error::Internal("a forward pass ran twice".into())),
+        })
+    }
+
+    /// [`Model::forward`] on the calling thread.
+    fn forward_here(
+        &self,
+        tokens: &[u32],
+        start: usize,
+        st: &mut State,
+        mode: FfnMode,
+        logits: Logits<'_>,
+    ) -> Result<()> {
         let n = tokens.len();
         if n == 0 || n > st.rows() || start + n > st.capacity() {
             return Err(Error::Internal(format!(

@@ -95,7 +95,101 @@ fn add_rows(out: &mut [f32], bias: Option<&Buf>, width: usize) -> Result<()> {
     Ok(())
 }
 
+/// Positions of one block of attention scores (on the stack, 4 KiB).
+const SCORE_BLOCK: usize = 1024;
+
+/// From this many rows on (prefill), attention runs as matrix products per head.
+const PREFILL_ATTENTION_ROWS: usize = 16;
+
+/// Query rows per task of [`prefill_attention`].
+const QUERY_BLOCK: usize = 64;
+
+/// Prefill attention as matrix products: per head and block of [`QUERY_BLOCK`] query rows,
+/// `S = Q K^T * scale` over the keys the block can see, the causal (and sliding-window) mask and
+/// soft-cap, a softmax per row, then `ctx = S V`. The scores of one block live in a scratch matrix
+/// of `QUERY_BLOCK x keys`; the keys and values are read where the cache holds them (strided).
+#[allow(clippy::too_many_arguments)]
+fn prefill_attention(s: &AttnShape, start: usize, rows: usize, q: &[f32], kc: &[f32], vc: &[f32], ctx: &mut [f32]) {
+    let (hd, heads) = (s.head_dim, s.heads);
+    let (qd, kvd) = (heads * hd, s.kv_heads * hd);
+    let group = heads / s.kv_heads;
+    let blocks = rows.div_ceil(QUERY_BLOCK);
+    // Each task writes its block's rows of one head: the output columns h*hd..(h+1)*hd of rows
+    // r0..r1. Tasks own disjoint parts of ctx, handed out as raw parts of one slice.
+    let out = SyncPtr(ctx.as_mut_ptr());
+    (0..heads * blocks).into_par_iter().for_each(|t| {
+        let (h, b) = (t / blocks, t % blocks);
+        let (r0, r1) = (b * QUERY_BLOCK, ((b + 1) * QUERY_BLOCK).min(rows));
+        let m = r1 - r0;
+        // Keys visible to some row of the block: from the first row's window start to the last row.
+        let lo = s.window.map_or(0, |w| (start + r0 + 1).saturating_sub(w));
+        let hi = start + r1; // exclusive
+        let keys = hi - lo;
+        let kv_off = (h / group) * hd;
+        let mut sc = vec![0f32; m * keys];
+        let qh = &q[r0 * qd + h * hd..];
+        let kh = &kc[lo * kvd + kv_off..];
+        // S = Q_h K_h^T: K_h^T is hd x keys with row stride 1 and column stride kvd.
+        // SAFETY: sc is this task's own m x keys matrix.
+        unsafe { super::gemm::gemm_f32_serial((m, keys, hd), sc.as_mut_ptr(), keys, (qh, qd), (kh, 1, kvd)) };
+        for (i, row) in sc.chunks_mut(keys).enumerate() {
+            let p = start + r0 + i;
+            let first = s.window.map_or(0, |w| (p + 1).saturating_sub(w));
+            let mut mx = f32::NEG_INFINITY;
+            for (j, x) in row.iter_mut().enumerate() {
+                let pos = lo + j;
+                if pos < first || pos > p {
+                    *x = f32::NEG_INFINITY;
+                    continue;
+                }
+                let mut v = *x * s.scale;
+                if let Some(cap) = s.softcap {
+                    v = (v / cap).tanh() * cap;
+                }
+                *x = v;
+                mx = mx.max(v);
+            }
+            let mut l = 0f32;
+            for x in row.iter_mut() {
+                *x = if *x == f32::NEG_INFINITY { 0.0 } else { (*x - mx).exp() };
+                l += *x;
+            }
+            let inv = 1.0 / l;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+        // ctx rows r0..r1, columns h*hd..h*hd+hd, row stride qd.
+        let vh = &vc[lo * kvd + kv_off..];
+        // SAFETY: ctx holds rows * qd values and this task alone writes these (row, column)
+        // positions: the tasks' (head, block) pairs are distinct.
+        unsafe {
+            super::gemm::gemm_f32_serial((m, hd, keys), out.at(r0 * qd + h * hd), qd, (&sc, keys), (vh, kvd, 1))
+        };
+    });
+}
+
+/// A pointer that tasks writing disjoint parts of one buffer share.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+impl SyncPtr {
+    /// The pointer `i` elements on (a method, so that closures capture the whole `SyncPtr`).
+    /// # Safety
+    /// `i` must be inside the buffer.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        unsafe { self.0.add(i) }
+    }
+}
+// SAFETY: used only by tasks that write disjoint elements (see `prefill_attention`).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
 impl Backend for CpuBackend {
+    fn in_pool(&self, f: &mut (dyn FnMut() -> Result<()> + Send)) -> Result<()> {
+        if rayon::current_thread_index().is_some() {
+            return f();
+        }
+        rayon::scope(|_| f())
+    }
+
     fn device(&self) -> String {
         "cpu".into()
     }
@@ -294,8 +388,15 @@ impl Backend for CpuBackend {
         v_cache.host_mut()?[span].copy_from_slice(&v.host()?[..rows * kvd]);
         let (q, kc, vc) = (&q.host()?[..rows * qd], k_cache.host()?, v_cache.host()?);
         let group = heads / s.kv_heads;
+        if rows >= PREFILL_ATTENTION_ROWS {
+            prefill_attention(s, start, rows, q, kc, vc, &mut ctx.host_mut()?[..rows * qd]);
+            return Ok(());
+        }
         let k = kernels();
-        // One task per (row, head): online softmax over the visible keys, no scratch buffer.
+        // One task per (row, head). The visible keys are taken in blocks of SCORE_BLOCK positions:
+        // a block's scores go to the stack, then its softmax weights and their sum of values; the
+        // running output is rescaled once per block when the maximum grows (an online softmax at
+        // block granularity), so no rows x positions matrix and no allocation.
         ctx.host_mut()?[..rows * qd].par_chunks_mut(hd).enumerate().for_each(|(c, o)| {
             let (i, h) = (c / heads, c % heads);
             let p = start + i;
@@ -304,21 +405,34 @@ impl Backend for CpuBackend {
             let kv_off = (h / group) * hd;
             o.fill(0.0);
             let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
-            for j in lo..=p {
-                let kj = &kc[j * kvd + kv_off..j * kvd + kv_off + hd];
-                let mut sc = k.dot(qh, kj) * s.scale;
-                if let Some(cap) = s.softcap {
-                    sc = (sc / cap).tanh() * cap;
+            let mut scores = [0f32; SCORE_BLOCK];
+            for b0 in (lo..=p).step_by(SCORE_BLOCK) {
+                let b1 = (b0 + SCORE_BLOCK).min(p + 1);
+                let sc = &mut scores[..b1 - b0];
+                let mut bm = f32::NEG_INFINITY;
+                for (j, v) in (b0..b1).zip(sc.iter_mut()) {
+                    let mut x = k.dot(qh, &kc[j * kvd + kv_off..j * kvd + kv_off + hd]) * s.scale;
+                    if let Some(cap) = s.softcap {
+                        x = (x / cap).tanh() * cap;
+                    }
+                    *v = x;
+                    bm = bm.max(x);
                 }
-                if sc > m {
-                    let r = (m - sc).exp();
-                    l *= r;
-                    o.iter_mut().for_each(|x| *x *= r);
-                    m = sc;
+                if bm > m {
+                    let r = (m - bm).exp();
+                    if l > 0.0 {
+                        l *= r;
+                        o.iter_mut().for_each(|x| *x *= r);
+                    }
+                    m = bm;
                 }
-                let e = (sc - m).exp();
-                l += e;
-                k.axpy(e, &vc[j * kvd + kv_off..j * kvd + kv_off + hd], o);
+                for v in sc.iter_mut() {
+                    *v = (*v - m).exp();
+                    l += *v;
+                }
+                for (j, &e) in (b0..b1).zip(sc.iter()) {
+                    k.axpy(e, &vc[j * kvd + kv_off..j * kvd + kv_off + hd], o);
+                }
             }
             let inv = 1.0 / l;
             o.iter_mut().for_each(|x| *x *= inv);
@@ -327,9 +441,14 @@ impl Backend for CpuBackend {
     }
 
     fn gate_act(&self, act: Activation, a: &mut Buf, u: &Buf, len: usize) -> Result<()> {
-        for (ai, ui) in a.host_mut()?[..len].iter_mut().zip(&u.host()?[..len]) {
-            *ai = activate(act, *ai) * ui;
-        }
+        // Prefill's activation: rows x intermediate values, a transcendental each; split over threads.
+        const CHUNK: usize = 1 << 14;
+        let u = &u.host()?[..len];
+        a.host_mut()?[..len].par_chunks_mut(CHUNK).zip(u.par_chunks(CHUNK)).for_each(|(a, u)| {
+            for (ai, ui) in a.iter_mut().zip(u) {
+                *ai = activate(act, *ai) * ui;
+            }
+        });
         Ok(())
     }
 

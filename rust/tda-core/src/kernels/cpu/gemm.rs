@@ -15,9 +15,42 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// All of rayon's threads, for one product at a time.
+fn all_threads() -> Parallelism {
+    match rayon::current_num_threads() {
+        1 => Parallelism::None,
+        t => Parallelism::Rayon(t),
+    }
+}
+
+/// A product on the calling thread alone (for products inside a parallel loop), into `dst`
+/// given as a pointer: tasks may write interleaved parts of one matrix.
+///
+/// # Safety
+/// `dst` must be valid for writes at `i * ldd + j` for every `i < m`, `j < n`, and nothing else
+/// may access those elements during the call.
+pub(super) unsafe fn gemm_f32_serial(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    ldd: usize,
+    (lhs, ldl): (&[f32], usize),
+    (rhs, rs, cs): (&[f32], usize, usize),
+) {
+    assert!(m == 0 || k == 0 || lhs.len() >= (m - 1) * ldl + k);
+    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rs + (n - 1) * cs);
+    // SAFETY: lhs and rhs as asserted; dst as the caller guarantees.
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst, 1, ldd as isize, false, lhs.as_ptr(), 1, ldl as isize, rhs.as_ptr(), cs as isize,
+            rs as isize, 1.0, 1.0, false, false, false, Parallelism::None,
+        )
+    }
+}
+
 /// `dst (m x n, row stride ldd) (+)= lhs (m x k, row stride ldl) . rhs`, where `rhs` is `k x n` with
-/// strides (`rs` between its rows, `cs` between its columns).
+/// strides (`rs` between its rows, `cs` between its columns), on `par` threads.
 fn gemm_f32(
+    par: Parallelism,
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     ldd: usize,
@@ -28,8 +61,6 @@ fn gemm_f32(
     assert!(m == 0 || n == 0 || dst.len() >= (m - 1) * ldd + n);
     assert!(m == 0 || k == 0 || lhs.len() >= (m - 1) * ldl + k);
     assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rs + (n - 1) * cs);
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: the asserts above keep every index the strides reach inside the slices.
     unsafe {
         gemm::gemm(
@@ -71,7 +102,7 @@ pub fn matmul(
     let (x, out) = (&x[..rows * k], &mut out[..rows * n]);
     if let WeightSlice::F32(v) = w {
         let (rs, cs) = if transposed { (1, k) } else { (n, 1) };
-        return gemm_f32((rows, n, k), out, n, false, (x, k), (v, rs, cs));
+        return gemm_f32(all_threads(), (rows, n, k), out, n, false, (x, k), (v, rs, cs));
     }
     // Blocks of whole weight rows: output columns when transposed, a slice of the sum over k when not.
     let per_block = (BLOCK_ELEMS / w_cols.max(1)).clamp(1, w_rows.max(1));
@@ -82,9 +113,9 @@ pub fn matmul(
             let block = &mut scratch[..(r1 - r0) * w_cols];
             block.par_chunks_mut(w_cols).enumerate().for_each(|(i, row)| row_to_f32(w, r0 + i, w_cols, row));
             if transposed {
-                gemm_f32((rows, r1 - r0, k), &mut out[r0..], n, false, (x, k), (block, 1, k));
+                gemm_f32(all_threads(), (rows, r1 - r0, k), &mut out[r0..], n, false, (x, k), (block, 1, k));
             } else {
-                gemm_f32((rows, n, r1 - r0), out, n, r0 > 0, (&x[r0..], k), (block, n, 1));
+                gemm_f32(all_threads(), (rows, n, r1 - r0), out, n, r0 > 0, (&x[r0..], k), (block, n, 1));
             }
         }
     });
