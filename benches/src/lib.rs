@@ -66,7 +66,12 @@ impl Roofline {
             .start_handler(move |i| pin_to_cpu(i % std::thread::available_parallelism().map_or(1, |n| n.get())))
             .build()
             .ok();
-        let mut r = Self { buf, best: ReadLoop { width: 0, streams: 1, prefetch: 0, nta: false, pinned: false }, pinned, tried: vec![] };
+        let mut r = Self {
+            buf,
+            best: ReadLoop { width: 0, streams: 1, prefetch: 0, nta: false, pinned: false },
+            pinned,
+            tried: vec![],
+        };
         let mut best = (r.best, 0.0);
         for v in Self::variants() {
             if v.pinned && r.pinned.is_none() {
@@ -234,8 +239,26 @@ mod x86 {
         l.iter().sum()
     }
 
-    read_loop!(read256, "avx2", __m256, _mm256_setzero_ps(), |q| _mm256_loadu_ps(q), |a, b| _mm256_add_ps(a, b), 8, |v| hsum256(v));
-    read_loop!(read512, "avx512f", __m512, _mm512_setzero_ps(), |q| _mm512_loadu_ps(q), |a, b| _mm512_add_ps(a, b), 16, |v| _mm512_reduce_add_ps(v));
+    read_loop!(
+        read256,
+        "avx2",
+        __m256,
+        _mm256_setzero_ps(),
+        |q| _mm256_loadu_ps(q),
+        |a, b| _mm256_add_ps(a, b),
+        8,
+        |v| hsum256(v)
+    );
+    read_loop!(
+        read512,
+        "avx512f",
+        __m512,
+        _mm512_setzero_ps(),
+        |q| _mm512_loadu_ps(q),
+        |a, b| _mm512_add_ps(a, b),
+        16,
+        |v| _mm512_reduce_add_ps(v)
+    );
 }
 
 /// Prints the probe's read loops, fastest first, and the one it keeps.

@@ -3,13 +3,13 @@
 //! (the `profile` binary). The operations run exactly as in the engine; only `Instant::now()` is
 //! added around each.
 
+use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tda_core::config::Activation;
 use tda_core::kernels::{AttnShape, Backend, Buf, Draw, FfnScratch, FfnWeights, Graphs, Matrix, Step};
 use tda_core::Result;
-use candle_core::{DType, Tensor};
 
 /// Calls and seconds per operation name.
 pub type Totals = BTreeMap<String, (u64, f64)>;

@@ -16,8 +16,7 @@ use half::{bf16, f16};
 use std::time::Instant;
 use tda_bench::{machine, print_probe, Roofline};
 use tda_core::kernels::cpu::{
-    available, cpu, ffn_decode, gemv_with, huge_page_copy, kernels, rule, FfnRows, WeightSlice, DTYPES,
-    MAX_FFN_CHUNKS,
+    available, cpu, ffn_decode, gemv_with, huge_page_copy, kernels, rule, FfnRows, WeightSlice, DTYPES, MAX_FFN_CHUNKS,
 };
 
 fn arg(name: &str, default: &str) -> String {
@@ -135,7 +134,12 @@ fn main() {
     print_probe(&roof);
     let cpu = cpu();
     let have: Vec<&str> = available().iter().map(|k| k.name).collect();
-    println!("\nkernel path per weight dtype (vendor {}, family {:#x}; paths here: {})", cpu.vendor, cpu.family, have.join(", "));
+    println!(
+        "\nkernel path per weight dtype (vendor {}, family {:#x}; paths here: {})",
+        cpu.vendor,
+        cpu.family,
+        have.join(", ")
+    );
     let mut json = vec![];
     for (i, dtype) in DTYPES.iter().enumerate() {
         let (rule_path, why) = rule(&cpu, &have, dtype);
@@ -164,7 +168,11 @@ fn main() {
                 let di = DTYPES.iter().position(|d| d == dtype).unwrap_or(0);
                 let mark = if kernels().paths[di] == k.name { " (in use)" } else { "" };
                 run_max = run_max.max(rl).max(gbs);
-                gemv_rows.push((format!("{dtype:<6} {:<11} {threads:>7} {:>10.1} {gbs:>8.2} {rl:>9.2}", k.name, best * 1e6), gbs, mark));
+                gemv_rows.push((
+                    format!("{dtype:<6} {:<11} {threads:>7} {:>10.1} {gbs:>8.2} {rl:>9.2}", k.name, best * 1e6),
+                    gbs,
+                    mark,
+                ));
                 json.push(serde_json::json!({"bench": "gemv", "dtype": dtype, "path": k.name, "rows": rows,
                     "cols": cols, "threads": threads, "us_per_call": best * 1e6, "gb_s": gbs, "roofline_gb_s": rl}));
             }

@@ -54,7 +54,13 @@ fn fork_join_us(idle: Duration, reps: usize) -> (f64, f64) {
 
 /// Prints the operations' share of `wall` seconds over `per` steps (tokens, or one prefill) and
 /// adds one JSON line per operation (`base` plus the operation's numbers).
-fn report(totals: tda_bench::timed::Totals, wall: f64, per: usize, json: &mut Vec<serde_json::Value>, base: serde_json::Value) {
+fn report(
+    totals: tda_bench::timed::Totals,
+    wall: f64,
+    per: usize,
+    json: &mut Vec<serde_json::Value>,
+    base: serde_json::Value,
+) {
     let per_f = per as f64;
     let mut ops: Vec<(String, u64, f64)> = totals.into_iter().map(|(k, (c, s))| (k, c, s / per_f)).collect();
     ops.sort_by(|a, b| b.2.total_cmp(&a.2));
@@ -83,7 +89,12 @@ fn main() {
     );
     let threads = rayon::current_num_threads();
     let m = tda_bench::machine();
-    println!("machine: {} ({}), {threads} threads, kernels {}", m["cpu"].as_str().unwrap_or(""), m["simd"], m["kernels"]);
+    println!(
+        "machine: {} ({}), {threads} threads, kernels {}",
+        m["cpu"].as_str().unwrap_or(""),
+        m["simd"],
+        m["kernels"]
+    );
     let (hot, cold) = fork_join_us(Duration::from_millis(2), 200);
     let (in_hot, in_cold) = rayon::scope(|_| fork_join_us(Duration::from_millis(2), 200));
     println!("fork-join of 2 trivial tasks, from a thread outside the pool: {hot:.2} us back to back, {cold:.2} us after 2 ms idle");
@@ -107,8 +118,14 @@ fn main() {
             wall * 1e3,
             p as f64 / wall
         );
-        report(timed.take(), wall, 1, &mut json, serde_json::json!({"phase": "prefill", "preset": preset,
-            "dtype": dtype, "threads": threads, "prompt_tokens": p, "ms": wall * 1e3}));
+        report(
+            timed.take(),
+            wall,
+            1,
+            &mut json,
+            serde_json::json!({"phase": "prefill", "preset": preset,
+            "dtype": dtype, "threads": threads, "prompt_tokens": p, "ms": wall * 1e3}),
+        );
         let mut tok = 0u32;
         timed.take();
         let t = Instant::now();
@@ -123,8 +140,14 @@ fn main() {
             wall * 1e3,
             1.0 / wall
         );
-        report(timed.take(), wall * new as f64, new, &mut json, serde_json::json!({"phase": "decode", "preset": preset,
-            "dtype": dtype, "threads": threads, "token_ms": wall * 1e3}));
+        report(
+            timed.take(),
+            wall * new as f64,
+            new,
+            &mut json,
+            serde_json::json!({"phase": "decode", "preset": preset,
+            "dtype": dtype, "threads": threads, "token_ms": wall * 1e3}),
+        );
     }
     println!();
     for j in json {

@@ -137,7 +137,10 @@ impl GgufFile {
         c.insert("intermediate_size".into(), json!(req("feed_forward_length")?));
         c.insert("num_hidden_layers".into(), json!(req("block_count")?));
         c.insert("num_attention_heads".into(), json!(heads));
-        c.insert("num_key_value_heads".into(), json!(opt("attention.head_count_kv", "num_key_value_heads")?.unwrap_or(heads)));
+        c.insert(
+            "num_key_value_heads".into(),
+            json!(opt("attention.head_count_kv", "num_key_value_heads")?.unwrap_or(heads)),
+        );
         c.insert("head_dim".into(), json!(head_dim));
         c.insert("vocab_size".into(), json!(vocab));
         c.insert("max_position_embeddings".into(), json!(req("context_length")?));

@@ -161,9 +161,7 @@ fn prefill_attention(s: &AttnShape, start: usize, rows: usize, q: &[f32], kc: &[
         let vh = &vc[lo * kvd + kv_off..];
         // SAFETY: ctx holds rows * qd values and this task alone writes these (row, column)
         // positions: the tasks' (head, block) pairs are distinct.
-        unsafe {
-            super::gemm::gemm_f32_serial((m, hd, keys), out.at(r0 * qd + h * hd), qd, (&sc, keys), (vh, kvd, 1))
-        };
+        unsafe { super::gemm::gemm_f32_serial((m, hd, keys), out.at(r0 * qd + h * hd), qd, (&sc, keys), (vh, kvd, 1)) };
     });
 }
 

@@ -41,8 +41,25 @@ pub(super) unsafe fn gemm_f32_serial(
     // SAFETY: lhs and rhs as asserted; dst as the caller guarantees.
     unsafe {
         gemm::gemm(
-            m, n, k, dst, 1, ldd as isize, false, lhs.as_ptr(), 1, ldl as isize, rhs.as_ptr(), cs as isize,
-            rs as isize, 1.0, 1.0, false, false, false, Parallelism::None,
+            m,
+            n,
+            k,
+            dst,
+            1,
+            ldd as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            ldl as isize,
+            rhs.as_ptr(),
+            cs as isize,
+            rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
         )
     }
 }

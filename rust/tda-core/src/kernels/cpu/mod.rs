@@ -110,12 +110,8 @@ const AVX512: Kernels = Kernels {
 /// AVX-512 with `avx512_bf16`: bf16 rows against bf16 activations with `vdpbf16ps`, no widening.
 /// (`y += a * row` keeps the widening loop: its output is f32.)
 #[cfg(target_arch = "x86_64")]
-const AVX512BF16: Kernels = Kernels {
-    name: "avx512bf16",
-    paths: ["avx512bf16"; 3],
-    dot_bf16_bf16: Some(x86::dot_bf16_dp),
-    ..AVX512
-};
+const AVX512BF16: Kernels =
+    Kernels { name: "avx512bf16", paths: ["avx512bf16"; 3], dot_bf16_bf16: Some(x86::dot_bf16_dp), ..AVX512 };
 
 /// Every path this CPU can run, slowest first.
 pub fn available() -> Vec<&'static Kernels> {
@@ -208,7 +204,9 @@ fn combine(paths: [&'static str; 3]) -> Kernels {
         paths[0]
     } else {
         // Once per process: the table in use is built once.
-        Box::leak(DTYPES.iter().zip(paths).map(|(d, p)| format!("{d}:{p}")).collect::<Vec<_>>().join(",").into_boxed_str())
+        Box::leak(
+            DTYPES.iter().zip(paths).map(|(d, p)| format!("{d}:{p}")).collect::<Vec<_>>().join(",").into_boxed_str(),
+        )
     };
     Kernels {
         name,
