@@ -261,6 +261,23 @@ mod x86 {
     );
 }
 
+/// The value after `--name` on the command line, or `default`.
+pub fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or(default.to_string())
+}
+
+/// `v` (the value of option `name`) parsed; exits with status 2 and a message naming it otherwise.
+pub fn num<T: std::str::FromStr>(name: &str, v: &str) -> T
+where
+    T::Err: std::fmt::Display,
+{
+    v.parse().unwrap_or_else(|e| {
+        eprintln!("{name} {v}: {e}");
+        std::process::exit(2)
+    })
+}
+
 /// Prints the probe's read loops, fastest first, and the one it keeps.
 pub fn print_probe(roof: &Roofline) {
     let mut tried = roof.tried.clone();

@@ -14,25 +14,10 @@
 
 use half::{bf16, f16};
 use std::time::Instant;
-use tda_bench::{machine, print_probe, Roofline};
+use tda_bench::{arg, machine, num, print_probe, Roofline};
 use tda_core::kernels::cpu::{
     available, cpu, ffn_decode, gemv_with, huge_page_copy, kernels, rule, FfnRows, WeightSlice, DTYPES, MAX_FFN_CHUNKS,
 };
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or(default.to_string())
-}
-
-fn num<T: std::str::FromStr>(name: &str, v: &str) -> T
-where
-    T::Err: std::fmt::Display,
-{
-    v.parse().unwrap_or_else(|e| {
-        eprintln!("kernels: {name} {v}: {e}");
-        std::process::exit(2)
-    })
-}
 
 /// A matrix in the three weight dtypes.
 struct Mat {

@@ -13,23 +13,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tda_bench::timed::Timed;
+use tda_bench::{arg, num};
 use tda_core::kernels::cpu::CpuBackend;
 use tda_core::load::synthetic::{preset_config, RandomWeights};
 use tda_core::model::{FfnMode, Logits, Model};
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or(default.to_string())
-}
-
 fn fail(e: impl std::fmt::Display) -> ! {
     eprintln!("profile: {e}");
     std::process::exit(2);
-}
-
-fn num(name: &str) -> usize {
-    let v = arg(name, "");
-    v.parse().unwrap_or_else(|e| fail(format!("{name} {v}: {e}")))
 }
 
 /// Mean microseconds of one fork-join of two trivial tasks: back to back (the pool awake), and
@@ -82,11 +73,9 @@ fn report(
 
 fn main() {
     let preset = arg("--preset", "smollm2-135m");
-    let layers = std::env::args().any(|a| a == "--layers").then(|| num("--layers"));
-    let (p, new) = (
-        if std::env::args().any(|a| a == "--prompt-tokens") { num("--prompt-tokens") } else { 128 },
-        if std::env::args().any(|a| a == "--new-tokens") { num("--new-tokens") } else { 64 },
-    );
+    let layers = std::env::args().any(|a| a == "--layers").then(|| num::<usize>("--layers", &arg("--layers", "")));
+    let p: usize = num("--prompt-tokens", &arg("--prompt-tokens", "128"));
+    let new: usize = num("--new-tokens", &arg("--new-tokens", "64"));
     let threads = rayon::current_num_threads();
     let m = tda_bench::machine();
     println!(
