@@ -309,6 +309,7 @@ pub fn machine() -> serde_json::Value {
         "cpu": field("model name"), "simd": have, "threads": rayon::current_num_threads(),
         "kernels": kernels().name,
         "kernel_paths": tda_core::kernels::cpu::DTYPES.iter().zip(kernels().paths).map(|(d, p)| (d.to_string(), serde_json::json!(p))).collect::<serde_json::Map<_, _>>(),
+        "prefill_path": tda_core::kernels::cpu::prefill_path(),
     })
 }
 

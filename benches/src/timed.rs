@@ -170,6 +170,9 @@ impl Backend for Timed {
     fn exclusive(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
         self.inner.exclusive()
     }
+    fn row_exact(&self) -> bool {
+        self.inner.row_exact()
+    }
     fn output_buf(&self, host: Vec<f32>) -> Result<Buf> {
         self.inner.output_buf(host)
     }

@@ -244,7 +244,13 @@ fn main() {
     }
 
     let m = machine();
-    println!("machine: {} ({}), kernels {}", m["cpu"].as_str().unwrap_or(""), m["simd"], m["kernels"]);
+    println!(
+        "machine: {} ({}), kernels {}, prefill {}",
+        m["cpu"].as_str().unwrap_or(""),
+        m["simd"],
+        m["kernels"],
+        m["prefill_path"]
+    );
     println!("device {}, roofline: {}", be.device(), roof.kind());
     #[allow(irrefutable_let_patterns)]
     if let tda_bench::Bandwidth::Host(r) = &roof {

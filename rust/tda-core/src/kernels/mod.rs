@@ -292,6 +292,12 @@ pub trait Backend: Send + Sync {
     fn sample(&self, _x: &Buf, _len: usize, _draw: &Draw) -> Option<Result<u32>> {
         None
     }
+    /// Whether [`Backend::matmul`] and [`Backend::linear`] compute each row of `x` on its own, so
+    /// that a row's result is bitwise the same whatever other rows go with it. The decoder then
+    /// runs the last layer's FFN on only the rows it reads, with the same result.
+    fn row_exact(&self) -> bool {
+        false
+    }
     /// Holds the device for one forward pass: backends whose calls share device scratch serialise
     /// forwards from several threads here (`None`: no need).
     fn exclusive(&self) -> Option<std::sync::MutexGuard<'_, ()>> {

@@ -255,14 +255,14 @@ impl Model {
             // A decode step: the same kernels every token, so a device backend may replay a recording.
             Logits::Last if n == 1 => {
                 let mut graphs = st.graphs.take();
-                let r = be.run_graph(&mut graphs, mode as u64, &mut || self.run(st, n, mode, true));
+                let r = be.run_graph(&mut graphs, mode as u64, &mut || self.run(st, n, mode, Read::Last));
                 st.graphs = graphs;
                 r?;
             }
-            Logits::Last => self.run(st, n, mode, true)?,
-            Logits::None => self.run(st, n, mode, false)?,
+            Logits::Last => self.run(st, n, mode, Read::Last)?,
+            Logits::None => self.run(st, n, mode, Read::Nothing)?,
             Logits::All(out) => {
-                self.run(st, n, mode, false)?;
+                self.run(st, n, mode, Read::All)?;
                 let v = self.cfg.vocab_size;
                 self.final_norm.forward(be, &st.x, n, &mut st.xb)?;
                 out.resize(n * v, 0.0);
@@ -280,12 +280,21 @@ impl Model {
         Ok(())
     }
 
-    /// The layers over the step's `n` rows; with `last_logits`, the last row's logits into `st.logits`.
-    fn run(&self, st: &mut State, n: usize, mode: FfnMode, last_logits: bool) -> Result<()> {
+    /// The layers over the step's `n` rows; with [`Read::Last`], the last row's logits into
+    /// `st.logits`; with [`Read::All`], every row's final hidden state stays in `st.x`.
+    ///
+    /// The cache needs every row's keys and values from every layer, but of the last layer's
+    /// output only the rows that are read. Unless the FFN statistics are being collected, its FFN
+    /// runs on none of the rows, or on the last ones alone (moved to the top; llama.cpp prunes the
+    /// same way) where the backend's products are [`Backend::row_exact`], so that the logits are
+    /// bitwise those of the whole product.
+    fn run(&self, st: &mut State, n: usize, mode: FfnMode, read: Read) -> Result<()> {
         let be = &*self.be;
         let d = self.cfg.hidden_size;
         be.embed(&self.embed, &st.step, n, self.cfg.embed_scale, &mut st.x)?;
         let n_ffn = self.cfg.intermediate_size;
+        let last_layer = self.layers.len() - 1;
+        let mut rows = n;
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention sub-block.
             layer.attn_norm.forward(be, &st.x, n, &mut st.xb)?;
@@ -296,9 +305,23 @@ impl Model {
                 pn.forward_inplace(be, &mut st.out, n)?;
             }
             be.add(&mut st.x, &st.out, n * d)?;
+            if li == last_layer && mode != FfnMode::Observe && n > 1 {
+                match read {
+                    Read::All => {}
+                    Read::Nothing => break,
+                    // The last two rows, not one: a single row would take decode's matrix-vector
+                    // products, whose sums are ordered differently.
+                    Read::Last if be.row_exact() && n > 2 => {
+                        be.copy(&st.x, (n - 2) * d, &mut st.out, 2 * d)?;
+                        be.copy(&st.out, 0, &mut st.x, 2 * d)?;
+                        rows = 2;
+                    }
+                    Read::Last => {}
+                }
+            }
 
             // FFN sub-block.
-            layer.ffn_norm.forward(be, &st.x, n, &mut st.xb)?;
+            layer.ffn_norm.forward(be, &st.x, rows, &mut st.xb)?;
             let bufs = FfnBuffers {
                 a: &mut st.ffn_a,
                 u: &mut st.ffn_u,
@@ -306,14 +329,14 @@ impl Model {
                 stats: &mut st.stats_acc,
                 stats_offset: 2 * li * n_ffn,
             };
-            layer.ffn.forward(be, &st.xb, n, mode, bufs, &mut st.out)?;
+            layer.ffn.forward(be, &st.xb, rows, mode, bufs, &mut st.out)?;
             if let Some(pn) = &layer.post_ffn_norm {
-                pn.forward_inplace(be, &mut st.out, n)?;
+                pn.forward_inplace(be, &mut st.out, rows)?;
             }
-            be.add(&mut st.x, &st.out, n * d)?;
+            be.add(&mut st.x, &st.out, rows * d)?;
         }
-        if last_logits {
-            be.copy(&st.x, (n - 1) * d, &mut st.out, d)?;
+        if read == Read::Last {
+            be.copy(&st.x, (rows - 1) * d, &mut st.out, d)?;
             self.final_norm.forward(be, &st.out, 1, &mut st.xb)?;
             self.lm_head.forward(be, &st.xb, 1, &mut st.logits)?;
             self.soft_cap(&mut st.logits, self.cfg.vocab_size)?;
@@ -351,4 +374,12 @@ impl Model {
         }
         self.be.sample(&st.logits, v, draw).transpose()
     }
+}
+
+/// Which rows of the last layer's output a forward reads ([`Model::run`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    All,
+    Last,
+    Nothing,
 }

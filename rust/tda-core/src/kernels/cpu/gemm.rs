@@ -1,18 +1,79 @@
-//! Prefill's matrix product, `out = x W^T` or `out = x W`, on the `gemm` crate (candle's own CPU
-//! GEMM), multi-threaded. f32 weights are used in place. bf16 and f16 weights are widened block by
-//! block (a few MiB of rows at a time, all threads) into a per-thread scratch buffer that is reused
-//! from call to call, so no whole-matrix f32 copy is ever made or allocated.
+//! Prefill's matrix product, `out = x W^T` or `out = x W`, multi-threaded, in one of two ways
+//! ([`prefill_path`]):
+//! - **`tiles-avx2`**: our own blocked product. The activations are packed once into panels of
+//!   six rows; each task owns a block of output columns, widens its weights (f32, bf16 or f16)
+//!   straight into a packed panel of 256 steps x 16 columns as it reads them (so every weight is
+//!   read from memory once per call and no widened copy of a matrix exists), and runs a register
+//!   tile of 6 x 16 ([`super::x86::gemm_tile`]) over it.
+//! - **`gemm-crate`**: the `gemm` crate (candle's own CPU GEMM). f32 weights are used in place;
+//!   bf16 and f16 weights are widened a few MiB of rows at a time into a reused scratch buffer.
+//!
+//! The tiles run wherever the f32 decode path is AVX2 (AMD, and CPUs without AVX-512): measured
+//! against the crate on this project's shapes (BENCHMARKS.md, issue 12), they are faster there in
+//! every dtype. Where the decode path is AVX-512 (Intel) the crate's 512-bit kernels stay, since
+//! the tiles are 256-bit and no Intel machine has measured them.
 
 use super::{row_to_f32, WeightSlice};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 /// Elements of one widened block of weight rows (4 MiB of f32).
 const BLOCK_ELEMS: usize = 1 << 20;
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PACKED_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PACKED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` floats of a thread's reusable buffer in `key`, or of a fresh one if the
+/// buffer is in use (a task stolen by this thread while it waits inside a parallel loop may be
+/// another product: a second `Engine` on another Python thread shares the pool).
+fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
+/// The prefill product's paths, by name.
+pub const PREFILL_PATHS: [&str; 2] = ["tiles-avx2", "gemm-crate"];
+
+/// The prefill product's path: `tiles-avx2` or `gemm-crate` (see the module doc), from the f32
+/// decode path in use, or as `TDA_ENGINE_KERNELS` names it (`prefill=gemm-crate`, next to the
+/// dtype paths: `avx2,prefill=gemm-crate`). Chosen once per process.
+pub fn prefill_path() -> &'static str {
+    static PATH: OnceLock<&'static str> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let spec = std::env::var("TDA_ENGINE_KERNELS").unwrap_or_default();
+        let wanted = spec.split(',').filter_map(|p| p.split_once('=')).find(|(k, _)| k.trim() == "prefill");
+        let tiles_ok = cfg!(target_arch = "x86_64") && super::available().iter().any(|k| k.name == "avx2");
+        match wanted.map(|(_, v)| v.trim()) {
+            Some("gemm-crate") => "gemm-crate",
+            Some("tiles-avx2") if tiles_ok => "tiles-avx2",
+            _ => prefill_path_for(super::kernels().paths[0]),
+        }
+    })
+}
+
+/// [`prefill_path`] for an f32 decode path.
+fn prefill_path_for(f32_path: &str) -> &'static str {
+    if cfg!(target_arch = "x86_64") && f32_path == "avx2" {
+        "tiles-avx2"
+    } else {
+        "gemm-crate"
+    }
 }
 
 /// All of rayon's threads, for one product at a time.
@@ -115,16 +176,35 @@ pub fn matmul(
     transposed: bool,
     out: &mut [f32],
 ) {
+    matmul_on(prefill_path(), x, rows, w, w_rows, w_cols, transposed, out)
+}
+
+/// [`matmul`] on a given path (of [`prefill_path`]'s names).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_on(
+    path: &str,
+    x: &[f32],
+    rows: usize,
+    w: WeightSlice<'_>,
+    w_rows: usize,
+    w_cols: usize,
+    transposed: bool,
+    out: &mut [f32],
+) {
     let (k, n) = if transposed { (w_cols, w_rows) } else { (w_rows, w_cols) };
     let (x, out) = (&x[..rows * k], &mut out[..rows * n]);
+    #[cfg(target_arch = "x86_64")]
+    if path == "tiles-avx2" && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        return tiles::matmul(x, rows, w, (k, n), transposed, out);
+    }
+    let _ = path;
     if let WeightSlice::F32(v) = w {
         let (rs, cs) = if transposed { (1, k) } else { (n, 1) };
         return gemm_f32(all_threads(), (rows, n, k), out, n, false, (x, k), (v, rs, cs));
     }
     // Blocks of whole weight rows: output columns when transposed, a slice of the sum over k when not.
     let per_block = (BLOCK_ELEMS / w_cols.max(1)).clamp(1, w_rows.max(1));
-    SCRATCH.with_borrow_mut(|scratch| {
-        scratch.resize(per_block * w_cols, 0.0);
+    with_buffer(&SCRATCH, per_block * w_cols, |scratch| {
         for r0 in (0..w_rows).step_by(per_block) {
             let r1 = (r0 + per_block).min(w_rows);
             let block = &mut scratch[..(r1 - r0) * w_cols];
@@ -138,15 +218,187 @@ pub fn matmul(
     });
 }
 
+/// The blocked product of the `tiles-avx2` path.
+#[cfg(target_arch = "x86_64")]
+mod tiles {
+    use super::super::x86::{gemm_tile, TILE_COLS as NR, TILE_ROWS as MR};
+    use super::super::WeightSlice;
+    use super::{with_buffer, PACKED_A, PACKED_B};
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+
+    /// Steps of the sum per packed panel: a task's activation panel (6 x 256 floats, 6 KiB) stays
+    /// in L1 and its weight block (up to 8 x 16 x 256 floats, 128 KiB) in L2.
+    const KC: usize = 256;
+    /// Activation panels per block: 16 x 6 rows x 256 steps (96 KiB) stay in L2 while each
+    /// 16-column weight panel (16 KiB) stays in L1 across them.
+    const MC_PANELS: usize = 16;
+    /// Most 16-column panels per task.
+    const MAX_PANELS: usize = 8;
+
+    /// The output, written by tasks in disjoint column blocks.
+    struct Out(*mut f32);
+    unsafe impl Send for Out {}
+    unsafe impl Sync for Out {}
+    impl Out {
+        /// # Safety
+        /// `i` must be inside the output.
+        unsafe fn at(&self, i: usize) -> *mut f32 {
+            unsafe { self.0.add(i) }
+        }
+    }
+
+    /// Elements `start..start + out.len()` of `w`, as f32.
+    fn widen(w: WeightSlice<'_>, start: usize, out: &mut [f32]) {
+        let r = start..start + out.len();
+        match w {
+            WeightSlice::F32(v) => out.copy_from_slice(&v[r]),
+            WeightSlice::BF16(v) => v[r].convert_to_f32_slice(out),
+            WeightSlice::F16(v) => v[r].convert_to_f32_slice(out),
+        }
+    }
+
+    /// Packs steps `p0..p0 + kc` of the 16-column panels `qs` of `B` into `b` (one `[kc][16]`
+    /// panel after the other, zero past `n`), widening as it reads. `B` is `W^T` (`W` is `n x k`)
+    /// when `transposed`, else `W` (`k x n`). `seg` is scratch for `max(kc, 16 * qs.len())` floats:
+    /// one row segment of `W` is widened at a time, as one contiguous read.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_b(
+        w: WeightSlice<'_>,
+        (k, n): (usize, usize),
+        transposed: bool,
+        qs: std::ops::Range<usize>,
+        p0: usize,
+        kc: usize,
+        b: &mut [f32],
+        seg: &mut [f32],
+    ) {
+        let (j0, j1) = (qs.start * NR, (qs.end * NR).min(n));
+        if transposed {
+            for (qq, q) in qs.enumerate() {
+                let panel = &mut b[qq * KC * NR..][..kc * NR];
+                for jj in 0..NR {
+                    if q * NR + jj < n {
+                        widen(w, (q * NR + jj) * k + p0, &mut seg[..kc]);
+                        for (p, &v) in seg[..kc].iter().enumerate() {
+                            panel[p * NR + jj] = v;
+                        }
+                    } else {
+                        (0..kc).for_each(|p| panel[p * NR + jj] = 0.0);
+                    }
+                }
+            }
+        } else {
+            let width = j1 - j0;
+            seg[width..qs.len() * NR].fill(0.0);
+            for p in 0..kc {
+                widen(w, (p0 + p) * n + j0, &mut seg[..width]);
+                for (qq, chunk) in seg[..qs.len() * NR].chunks_exact(NR).enumerate() {
+                    b[(qq * KC + p) * NR..][..NR].copy_from_slice(chunk);
+                }
+            }
+        }
+    }
+
+    /// `out (m x n) = x (m x k) . B`, `B` as in [`pack_b`].
+    pub(super) fn matmul(
+        x: &[f32],
+        m: usize,
+        w: WeightSlice<'_>,
+        (k, n): (usize, usize),
+        transposed: bool,
+        out: &mut [f32],
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            out[..m * n].fill(0.0);
+            return;
+        }
+        let (panels_m, blocks_k, panels_n) = (m.div_ceil(MR), k.div_ceil(KC), n.div_ceil(NR));
+        // A multiple of the thread count of tasks of at most MAX_PANELS panels each, as even as
+        // the panels allow.
+        let threads = rayon::current_num_threads();
+        let tasks = (threads * panels_n.div_ceil(threads * MAX_PANELS)).min(panels_n);
+        let per_task = panels_n.div_ceil(tasks);
+        let tasks = panels_n.div_ceil(per_task);
+        with_buffer(&PACKED_A, blocks_k * panels_m * KC * MR, |a| {
+            // a[((kb * panels_m + ip) * KC + p) * MR + i] = x[ip * MR + i][kb * KC + p], zero past m.
+            a.par_chunks_mut(KC * MR).enumerate().for_each(|(c, panel)| {
+                let (kb, ip) = (c / panels_m, c % panels_m);
+                let kc = KC.min(k - kb * KC);
+                for i in 0..MR {
+                    let r = ip * MR + i;
+                    if r < m {
+                        for (p, &v) in x[r * k + kb * KC..][..kc].iter().enumerate() {
+                            panel[p * MR + i] = v;
+                        }
+                    } else {
+                        (0..kc).for_each(|p| panel[p * MR + i] = 0.0);
+                    }
+                }
+            });
+            let (a, dst) = (&*a, Out(out.as_mut_ptr()));
+            (0..tasks).into_par_iter().for_each(|t| {
+                let (q0, q1) = (t * per_task, ((t + 1) * per_task).min(panels_n));
+                with_buffer(&PACKED_B, (q1 - q0) * KC * NR + KC.max(MAX_PANELS * NR), |buf| {
+                    let (b, seg) = buf.split_at_mut((q1 - q0) * KC * NR);
+                    for kb in 0..blocks_k {
+                        let (p0, kc) = (kb * KC, KC.min(k - kb * KC));
+                        pack_b(w, (k, n), transposed, q0..q1, p0, kc, b, seg);
+                        for (ip, q) in (0..panels_m).step_by(MC_PANELS).flat_map(|i0| {
+                            (q0..q1).flat_map(move |q| (i0..(i0 + MC_PANELS).min(panels_m)).map(move |ip| (ip, q)))
+                        }) {
+                            let ap = a[(kb * panels_m + ip) * KC * MR..].as_ptr();
+                            let rows = MR.min(m - ip * MR);
+                            {
+                                let (bp, cols) = (b[(q - q0) * KC * NR..].as_ptr(), NR.min(n - q * NR));
+                                // SAFETY: AVX2 and FMA checked by the caller; the panels hold kc steps;
+                                // the tile's rows and columns lie inside this task's block of the output.
+                                unsafe {
+                                    let c = dst.at(ip * MR * n + q * NR);
+                                    if rows == MR && cols == NR {
+                                        gemm_tile(kc, ap, bp, c, n, kb > 0);
+                                        continue;
+                                    }
+                                    let mut tile = [0f32; MR * NR];
+                                    gemm_tile(kc, ap, bp, tile.as_mut_ptr(), NR, false);
+                                    for i in 0..rows {
+                                        for j in 0..cols {
+                                            let o = c.add(i * n + j);
+                                            *o = if kb > 0 { *o + tile[i * NR + j] } else { tile[i * NR + j] };
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                })
+            });
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use half::{bf16, f16};
 
     #[test]
-    fn matmul_matches_reference_for_every_dtype_layout_and_block_split() {
-        // (rows of x, W rows, W cols): odd sizes, and a matrix of more than one widened block.
-        for &(m, wr, wc) in &[(1, 1, 1), (3, 7, 5), (5, 33, 17), (2, 1100, 1000)] {
+    fn matmul_matches_reference_for_every_path_dtype_layout_and_block_split() {
+        let mut paths = vec!["gemm-crate"];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            paths.push("tiles-avx2");
+        }
+        if paths.len() < 2 {
+            eprintln!("skipped the tiles-avx2 path: this CPU lacks AVX2/FMA");
+        }
+        // (rows of x, W rows, W cols): odd sizes, a matrix of more than one widened block, and
+        // products of several 6-row panels, 16-column panels and 256-step blocks with ragged edges.
+        let sizes = [(1, 1, 1), (3, 7, 5), (5, 33, 17), (2, 1100, 1000), (13, 37, 600), (7, 300, 257), (19, 530, 70)];
+        for (path, &(m, wr, wc)) in paths.iter().flat_map(|p| sizes.iter().map(move |s| (p, s))) {
             let w: Vec<f32> = (0..wr * wc).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
             let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
@@ -159,7 +411,7 @@ mod tests {
                     let (k, n) = if transposed { (wc, wr) } else { (wr, wc) };
                     let x: Vec<f32> = (0..m * k).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
                     let mut out = vec![f32::NAN; m * n];
-                    matmul(&x, m, ws, wr, wc, transposed, &mut out);
+                    matmul_on(path, &x, m, ws, wr, wc, transposed, &mut out);
                     for t in 0..m {
                         for j in 0..n {
                             let want: f64 = (0..k)
@@ -169,11 +421,44 @@ mod tests {
                                 })
                                 .sum();
                             let got = out[t * n + j] as f64;
-                            assert!((got - want).abs() <= 1e-3 * (1.0 + want.abs()), "{m}x{wr}x{wc} t={transposed}");
+                            assert!(
+                                (got - want).abs() <= 1e-3 * (1.0 + want.abs()),
+                                "{path} {m}x{wr}x{wc} t={transposed}"
+                            );
                         }
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn tiles_compute_each_row_on_its_own() {
+        // What lets the decoder prune the last layer to the rows it reads (`Backend::row_exact`):
+        // a row of the product is bitwise the same whatever the other rows are.
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            for &(wr, wc, m) in &[(576, 576, 40), (1536, 577, 13), (70, 33, 7)] {
+                let w: Vec<f32> = (0..wr * wc).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+                let x: Vec<f32> =
+                    (0..m * wr.max(wc)).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0 + 1e-3 * i as f32).collect();
+                let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+                for (ws, transposed) in
+                    [(WeightSlice::F32(&w), true), (WeightSlice::BF16(&wb), true), (WeightSlice::F32(&w), false)]
+                {
+                    let (k, n) = if transposed { (wc, wr) } else { (wr, wc) };
+                    let x = &x[..m * k];
+                    let mut all = vec![0f32; m * n];
+                    matmul_on("tiles-avx2", x, m, ws, wr, wc, transposed, &mut all);
+                    for r in [0, m / 2, m - 1] {
+                        let mut one = vec![0f32; n];
+                        matmul_on("tiles-avx2", &x[r * k..], 1, ws, wr, wc, transposed, &mut one);
+                        assert!(one == all[r * n..(r + 1) * n], "{wr}x{wc} row {r} of {m}");
+                    }
+                }
+            }
+            return;
+        }
+        eprintln!("skipped the tiles-avx2 path: this CPU lacks AVX2/FMA");
     }
 }

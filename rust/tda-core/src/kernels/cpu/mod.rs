@@ -37,7 +37,7 @@ mod memory;
 mod x86;
 
 pub use backend::{activate, CpuBackend, KeptRows, COMPACT_BELOW_BYTES};
-pub use gemm::matmul;
+pub use gemm::{matmul, matmul_on, prefill_path, PREFILL_PATHS};
 pub use memory::{huge_page_copy, on_huge_pages, RowCopy};
 
 /// One instruction-set path of the inner loops: dot products of a weight row with f32 activations,

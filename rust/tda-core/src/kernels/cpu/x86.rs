@@ -262,3 +262,37 @@ pub unsafe fn dot_bf16_dp(a: &[bf16], x: &[bf16], next: &[bf16]) -> f32 {
     }
     s
 }
+
+/// Rows of the prefill GEMM's register tile ([`gemm_tile`]).
+pub const TILE_ROWS: usize = 6;
+/// Columns of the prefill GEMM's register tile: two vectors of 8.
+pub const TILE_COLS: usize = 16;
+
+/// One `6 x 16` tile of a matrix product: `c = [c +] sum_p a[p] b[p]^T` over `kc` steps, where
+/// `a` is packed `[kc][6]` (six rows of activations, step by step) and `b` `[kc][16]` (sixteen
+/// weight columns). The twelve accumulators stay in registers for the whole sum: each step is two
+/// loads of `b`, six broadcasts of `a` and twelve fused multiply-adds, so the two FMA units stay
+/// busy while every input comes from L1/L2.
+/// # Safety
+/// The CPU must have AVX2 and FMA; `a` holds `6 kc` floats, `b` `16 kc`, and `c` is valid for
+/// reads and writes of 16 floats at each of the 6 rows `ldc` apart.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn gemm_tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; TILE_ROWS];
+    for p in 0..kc {
+        let (b0, b1) = (_mm256_loadu_ps(b.add(p * TILE_COLS)), _mm256_loadu_ps(b.add(p * TILE_COLS + 8)));
+        let ap = a.add(p * TILE_ROWS);
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai = _mm256_broadcast_ss(&*ap.add(i));
+            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        let ci = c.add(i * ldc);
+        for (h, v) in row.iter().enumerate() {
+            let v = if accumulate { _mm256_add_ps(*v, _mm256_loadu_ps(ci.add(8 * h))) } else { *v };
+            _mm256_storeu_ps(ci.add(8 * h), v);
+        }
+    }
+}
