@@ -97,6 +97,24 @@ pub(super) unsafe fn gemm_f32_serial(
     (lhs, ldl): (&[f32], usize),
     (rhs, rs, cs): (&[f32], usize, usize),
 ) {
+    // SAFETY: dst as the caller guarantees.
+    unsafe { gemm_raw(Parallelism::None, (m, n, k), dst, ldd, false, (lhs, ldl), (rhs, rs, cs)) }
+}
+
+/// The `gemm` crate's product, checking `lhs` and `rhs` against their strides.
+///
+/// # Safety
+/// `dst` must be valid for writes at `i * ldd + j` for every `i < m`, `j < n`, and nothing else
+/// may access those elements during the call.
+unsafe fn gemm_raw(
+    par: Parallelism,
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    ldd: usize,
+    accumulate: bool,
+    (lhs, ldl): (&[f32], usize),
+    (rhs, rs, cs): (&[f32], usize, usize),
+) {
     assert!(m == 0 || k == 0 || lhs.len() >= (m - 1) * ldl + k);
     assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rs + (n - 1) * cs);
     // SAFETY: lhs and rhs as asserted; dst as the caller guarantees.
@@ -106,46 +124,6 @@ pub(super) unsafe fn gemm_f32_serial(
             n,
             k,
             dst,
-            1,
-            ldd as isize,
-            false,
-            lhs.as_ptr(),
-            1,
-            ldl as isize,
-            rhs.as_ptr(),
-            cs as isize,
-            rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
-}
-
-/// `dst (m x n, row stride ldd) (+)= lhs (m x k, row stride ldl) . rhs`, where `rhs` is `k x n` with
-/// strides (`rs` between its rows, `cs` between its columns), on `par` threads.
-fn gemm_f32(
-    par: Parallelism,
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    ldd: usize,
-    accumulate: bool,
-    (lhs, ldl): (&[f32], usize),
-    (rhs, rs, cs): (&[f32], usize, usize),
-) {
-    assert!(m == 0 || n == 0 || dst.len() >= (m - 1) * ldd + n);
-    assert!(m == 0 || k == 0 || lhs.len() >= (m - 1) * ldl + k);
-    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rs + (n - 1) * cs);
-    // SAFETY: the asserts above keep every index the strides reach inside the slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
             1,
             ldd as isize,
             accumulate,
@@ -163,6 +141,22 @@ fn gemm_f32(
             par,
         )
     }
+}
+
+/// `dst (m x n, row stride ldd) (+)= lhs (m x k, row stride ldl) . rhs`, where `rhs` is `k x n` with
+/// strides (`rs` between its rows, `cs` between its columns), on `par` threads.
+fn gemm_f32(
+    par: Parallelism,
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    ldd: usize,
+    accumulate: bool,
+    (lhs, ldl): (&[f32], usize),
+    (rhs, rs, cs): (&[f32], usize, usize),
+) {
+    assert!(m == 0 || n == 0 || dst.len() >= (m - 1) * ldd + n);
+    // SAFETY: dst is checked above and borrowed mutably for the call.
+    unsafe { gemm_raw(par, (m, n, k), dst.as_mut_ptr(), ldd, accumulate, (lhs, ldl), (rhs, rs, cs)) }
 }
 
 /// `out = x W^T` (`transposed`: `W` is `w_rows x w_cols` = `out_dim x in_dim`) or `out = x W`
