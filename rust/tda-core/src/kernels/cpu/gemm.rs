@@ -294,6 +294,37 @@ mod tiles {
         }
     }
 
+    /// One tile into `c` (row stride `ldc`), of which only `rows x cols` lie inside the output:
+    /// a whole tile straight, an edge tile through a buffer.
+    ///
+    /// # Safety
+    /// As [`gemm_tile`], for the `rows x cols` part of the tile.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_into(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+        rows: usize,
+        cols: usize,
+    ) {
+        unsafe {
+            if rows == MR && cols == NR {
+                return gemm_tile(kc, a, b, c, ldc, acc);
+            }
+            let mut tile = [0f32; MR * NR];
+            gemm_tile(kc, a, b, tile.as_mut_ptr(), NR, false);
+            for i in 0..rows {
+                for j in 0..cols {
+                    let o = c.add(i * ldc + j);
+                    *o = if acc { *o + tile[i * NR + j] } else { tile[i * NR + j] };
+                }
+            }
+        }
+    }
+
     /// `out (m x n) = x (m x k) . B`, `B` as in [`pack_b`].
     pub(super) fn matmul(
         x: &[f32],
@@ -341,28 +372,24 @@ mod tiles {
                     for kb in 0..blocks_k {
                         let (p0, kc) = (kb * KC, KC.min(k - kb * KC));
                         pack_b(w, (k, n), transposed, q0..q1, p0, kc, b, seg);
-                        for (ip, q) in (0..panels_m).step_by(MC_PANELS).flat_map(|i0| {
-                            (q0..q1).flat_map(move |q| (i0..(i0 + MC_PANELS).min(panels_m)).map(move |ip| (ip, q)))
-                        }) {
-                            let ap = a[(kb * panels_m + ip) * KC * MR..].as_ptr();
-                            let rows = MR.min(m - ip * MR);
-                            {
+                        for i0 in (0..panels_m).step_by(MC_PANELS) {
+                            for q in q0..q1 {
                                 let (bp, cols) = (b[(q - q0) * KC * NR..].as_ptr(), NR.min(n - q * NR));
-                                // SAFETY: AVX2 and FMA checked by the caller; the panels hold kc steps;
-                                // the tile's rows and columns lie inside this task's block of the output.
-                                unsafe {
-                                    let c = dst.at(ip * MR * n + q * NR);
-                                    if rows == MR && cols == NR {
-                                        gemm_tile(kc, ap, bp, c, n, kb > 0);
-                                        continue;
-                                    }
-                                    let mut tile = [0f32; MR * NR];
-                                    gemm_tile(kc, ap, bp, tile.as_mut_ptr(), NR, false);
-                                    for i in 0..rows {
-                                        for j in 0..cols {
-                                            let o = c.add(i * n + j);
-                                            *o = if kb > 0 { *o + tile[i * NR + j] } else { tile[i * NR + j] };
-                                        }
+                                for ip in i0..(i0 + MC_PANELS).min(panels_m) {
+                                    let ap = a[(kb * panels_m + ip) * KC * MR..].as_ptr();
+                                    // SAFETY: AVX2 and FMA checked by the caller; the panels hold kc
+                                    // steps; the tile lies inside this task's block of the output.
+                                    unsafe {
+                                        tile_into(
+                                            kc,
+                                            ap,
+                                            bp,
+                                            dst.at(ip * MR * n + q * NR),
+                                            n,
+                                            kb > 0,
+                                            MR.min(m - ip * MR),
+                                            cols,
+                                        )
                                     }
                                 }
                             }
