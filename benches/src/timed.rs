@@ -50,6 +50,9 @@ impl Backend for Timed {
     fn matrix(&self, t: Tensor) -> Result<Matrix> {
         self.inner.matrix(t)
     }
+    fn quantized(&self, rows: usize, cols: usize, blocks: tda_core::quant::QBlocks) -> Result<Matrix> {
+        self.inner.quantized(rows, cols, blocks)
+    }
     fn random_matrix(&self, rows: usize, cols: usize, dtype: DType, seed: u64, scale: f32) -> Option<Result<Matrix>> {
         self.inner.random_matrix(rows, cols, dtype, seed, scale)
     }

@@ -177,8 +177,9 @@ fn main() {
             }
             (None, Some(p)) => {
                 let cfg = preset_config(p, args.layers).unwrap_or_else(|e| fail(e));
-                let dt =
-                    tda_core::engine::parse_dtype(dtype).unwrap_or_else(|e| fail(e)).unwrap_or(candle_core::DType::F32);
+                let dt = tda_core::engine::parse_dtype(dtype)
+                    .unwrap_or_else(|e| fail(e))
+                    .unwrap_or(tda_core::load::Precision::Float(candle_core::DType::F32));
                 synthetic = Model::load(cfg, &RandomWeights { seed: 7 }, dt, be.clone()).unwrap_or_else(|e| fail(e));
                 &synthetic
             }

@@ -93,7 +93,9 @@ fn main() {
     for dtype in arg("--dtype", "f32,bf16,f16").split(',') {
         let cfg = preset_config(&preset, layers).unwrap_or_else(|e| fail(e));
         let (vocab, nl) = (cfg.vocab_size, cfg.num_layers);
-        let dt = tda_core::engine::parse_dtype(dtype).unwrap_or_else(|e| fail(e)).unwrap_or(candle_core::DType::F32);
+        let dt = tda_core::engine::parse_dtype(dtype)
+            .unwrap_or_else(|e| fail(e))
+            .unwrap_or(tda_core::load::Precision::Float(candle_core::DType::F32));
         let timed = Arc::new(Timed::new(Arc::new(CpuBackend), vocab));
         let model = Model::load(cfg, &RandomWeights { seed: 7 }, dt, timed.clone()).unwrap_or_else(|e| fail(e));
         let mut st = model.new_state(p, p + new + 1).unwrap_or_else(|e| fail(e));

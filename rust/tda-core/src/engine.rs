@@ -8,8 +8,9 @@ use crate::generate::{GenerateOptions, Generation, GenerationDefaults, Generatio
 use crate::kernels::{cpu::CpuBackend, Backend};
 use crate::load::safetensors::SafetensorsWeights;
 use crate::load::tokenizer::{builtin_chat_template, TextTokenizer};
-use crate::load::{gguf, gguf_tokenizer};
+use crate::load::{gguf, gguf_tokenizer, Precision};
 use crate::model::{FfnMode, Logits, Model, State};
+use crate::quant::QType;
 use crate::sparsity::calibrate::{budget_search, windows, BudgetReport, LengthProfile, DEFAULT_LENGTHS};
 use crate::sparsity::corpus::DEFAULT_CORPUS;
 use crate::sparsity::spec::check_density;
@@ -35,27 +36,26 @@ pub struct Engine {
     shared: Arc<Shared>,
 }
 
-/// Parses a dtype name: float32/f32/fp32, bfloat16/bf16, float16/f16/fp16/half, or "auto"
-/// (`None`: the dtype the checkpoint declares).
-pub fn parse_dtype(s: &str) -> Result<Option<DType>> {
+/// Parses a dtype name: float32/f32/fp32, bfloat16/bf16, float16/f16/fp16/half, a block type to
+/// quantize to at load (`q8_0`, `q4_0`, ... any of [`QType`]'s names), or "auto" (`None`: what the
+/// checkpoint declares; a GGUF file's quantized blocks as stored).
+pub fn parse_dtype(s: &str) -> Result<Option<Precision>> {
     Ok(Some(match s.to_ascii_lowercase().as_str() {
-        "float32" | "f32" | "fp32" => DType::F32,
-        "bfloat16" | "bf16" => DType::BF16,
-        "float16" | "f16" | "fp16" | "half" => DType::F16,
+        "float32" | "f32" | "fp32" => Precision::Float(DType::F32),
+        "bfloat16" | "bf16" => Precision::Float(DType::BF16),
+        "float16" | "f16" | "fp16" | "half" => Precision::Float(DType::F16),
         "auto" => return Ok(None),
-        _ => {
-            return Err(Error::arg(format!("unknown dtype '{s}'; expected 'float32', 'bfloat16', 'float16' or 'auto'")))
-        }
+        other => match QType::parse(other) {
+            Some(q) => Precision::Quant(q),
+            None => {
+                let blocks: Vec<&str> = QType::ALL.iter().map(|q| q.name()).collect();
+                return Err(Error::arg(format!(
+                    "unknown dtype '{s}'; expected 'auto', 'float32', 'bfloat16', 'float16' or a block type ({})",
+                    blocks.join(", ")
+                )));
+            }
+        },
     }))
-}
-
-pub fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "float32",
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "other",
-    }
 }
 
 /// The backend of a device name: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
@@ -118,21 +118,24 @@ impl Engine {
         let weights = SafetensorsWeights::open(path)?;
         // "auto": what the checkpoint declares, when it is one of ours; else float32.
         let dtype = dtype.unwrap_or_else(|| {
-            cfg.declared_dtype.as_deref().and_then(|d| parse_dtype(d).ok().flatten()).unwrap_or(DType::F32)
+            let declared = cfg.declared_dtype.as_deref().and_then(|d| parse_dtype(d).ok().flatten());
+            declared.filter(|p| matches!(p, Precision::Float(_))).unwrap_or(Precision::Float(DType::F32))
         });
         let model = Model::load(cfg, &weights, dtype, device)?;
         Ok(Self::assemble(model, tokenizer, defaults, vec![]))
     }
 
-    /// A GGUF file: weights dequantized to `dtype` ("auto" = float32), tokenizer from the metadata.
-    fn from_gguf(path: &Path, device: Arc<dyn Backend>, dtype: Option<DType>) -> Result<Self> {
+    /// A GGUF file: tokenizer from the metadata; weights as `dtype` says, "auto" keeping quantized
+    /// blocks as stored where the backend has kernels for them (the CPU), else float32.
+    fn from_gguf(path: &Path, device: Arc<dyn Backend>, dtype: Option<Precision>) -> Result<Self> {
         let file = gguf::GgufFile::open(path)?;
         let cfg = file.config()?;
         let mut tokenizer = gguf_tokenizer::from_gguf(file.metadata())?;
         if tokenizer.chat_template.is_none() {
             tokenizer.chat_template = builtin_chat_template(cfg.arch).map(str::to_string);
         }
-        let model = Model::load(cfg, &file, dtype.unwrap_or(DType::F32), device)?;
+        let auto = if device.device() == "cpu" { Precision::Stored } else { Precision::Float(DType::F32) };
+        let model = Model::load(cfg, &file, dtype.unwrap_or(auto), device)?;
         // Generation also ends at the end-of-turn tokens llama.cpp stops at, and at Gemma's
         // <end_of_turn> (HF's generation_config for Gemma lists it as an EOS).
         let mut end_of_turn: Vec<u32> = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
@@ -179,8 +182,13 @@ impl Engine {
     pub fn config(&self) -> &ModelConfig {
         &self.shared.model.cfg
     }
+    /// The float dtype of activations and float weights.
     pub fn dtype(&self) -> DType {
         self.shared.model.dtype
+    }
+    /// How the weights were loaded (a float dtype, a block type, or as the GGUF file stores them).
+    pub fn precision(&self) -> Precision {
+        self.shared.model.precision
     }
     /// `cpu` or `cuda:N`.
     pub fn device(&self) -> String {

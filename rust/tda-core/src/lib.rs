@@ -11,6 +11,7 @@ pub mod generate;
 pub mod kernels;
 pub mod load;
 pub mod model;
+pub mod quant;
 pub mod sparsity;
 
 pub use config::ModelConfig;

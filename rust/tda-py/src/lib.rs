@@ -8,7 +8,6 @@ use pyo3::types::PyDict;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Mutex;
-use tda_core::engine::dtype_name;
 use tda_core::engine::{CalibrationOptions, CalibrationTarget};
 use tda_core::{Error, GenerateOptions, Generation, GenerationOutput, Sparsity, Thresholds};
 
@@ -141,7 +140,7 @@ fn output_dict<'py>(py: Python<'py>, o: GenerationOutput) -> PyResult<Bound<'py,
 #[pymethods]
 impl Engine {
     #[staticmethod]
-    #[pyo3(signature = (path, device = "cpu", dtype = "float32"))]
+    #[pyo3(signature = (path, device = "cpu", dtype = "auto"))]
     fn from_pretrained(py: Python<'_>, path: PathBuf, device: &str, dtype: &str) -> PyResult<Self> {
         let (device, dtype) = (device.to_string(), dtype.to_string());
         let inner = compute(py, move || tda_core::Engine::from_pretrained(&path, &device, &dtype))?;
@@ -161,7 +160,10 @@ impl Engine {
         d.set_item("num_key_value_heads", c.num_kv_heads)?;
         d.set_item("head_dim", c.head_dim)?;
         d.set_item("max_position_embeddings", c.max_position_embeddings)?;
-        d.set_item("dtype", dtype_name(self.inner.dtype()))?;
+        d.set_item("dtype", self.inner.precision().name())?;
+        let types = self.inner.model().weight_types();
+        d.set_item("weight_types", types.clone().into_iter().collect::<std::collections::HashMap<_, _>>())?;
+        d.set_item("weight_bytes", types.values().sum::<usize>())?;
         d.set_item("device", self.inner.device())?;
         d.set_item("decode_weight_bytes", self.inner.model().decode_weight_bytes())?;
         d.set_item("ffn_weight_bytes", self.inner.model().ffn_weight_bytes())?;

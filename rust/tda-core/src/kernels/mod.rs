@@ -17,6 +17,7 @@ pub mod cuda;
 
 use crate::config::Activation;
 use crate::error::Result;
+use crate::quant::{QBlocks, QType};
 use candle_core::{DType, Tensor};
 use std::any::Any;
 
@@ -58,12 +59,13 @@ impl Buf {
     }
 }
 
-/// A weight matrix, `rows x cols` row-major, in the engine dtype. Cloning shares the storage
-/// (tied embeddings).
+/// A weight matrix, `rows x cols` row-major, in a float dtype or in quantized blocks. Cloning
+/// shares the storage (tied embeddings).
 #[derive(Clone)]
 pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
+    /// The float dtype of the elements; f32 for quantized blocks (what they are multiplied in).
     pub dtype: DType,
     pub store: MatrixStore,
 }
@@ -72,6 +74,8 @@ pub struct Matrix {
 pub enum MatrixStore {
     /// A contiguous CPU tensor (on huge pages).
     Host(Tensor),
+    /// Quantized blocks in host memory (on huge pages), every row whole blocks.
+    HostBlocks(std::sync::Arc<QBlocks>),
     #[cfg(feature = "cuda")]
     Cuda(std::sync::Arc<cuda::DeviceMatrix>),
 }
@@ -79,17 +83,42 @@ pub enum MatrixStore {
 impl Matrix {
     /// Bytes of the elements.
     pub fn bytes(&self) -> usize {
-        self.rows * self.cols * self.dtype.size_in_bytes()
+        self.rows * self.row_bytes()
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        match self.qtype() {
+            Some(q) => q.row_bytes(self.cols),
+            None => self.cols * self.dtype.size_in_bytes(),
+        }
+    }
+
+    /// The block type, for a quantized matrix.
+    pub fn qtype(&self) -> Option<QType> {
+        match &self.store {
+            MatrixStore::HostBlocks(b) => Some(b.qtype()),
+            _ => None,
+        }
+    }
+
+    /// The storage type's name: `float32`, `bfloat16`, `float16`, or a block type (`q4_k`, ...).
+    pub fn type_name(&self) -> &'static str {
+        match self.qtype() {
+            Some(q) => q.name(),
+            None => match self.dtype {
+                DType::BF16 => "bfloat16",
+                DType::F16 => "float16",
+                _ => "float32",
+            },
+        }
     }
 
     /// The CPU tensor, when the matrix is in host memory.
     pub fn host(&self) -> Result<&Tensor> {
         match &self.store {
             MatrixStore::Host(t) => Ok(t),
-            #[cfg(feature = "cuda")]
-            MatrixStore::Cuda(_) => {
-                Err(crate::error::Error::Internal("a device matrix was handed to the CPU backend".into()))
-            }
+            _ => Err(crate::error::Error::Internal("not a host tensor: a device matrix or quantized blocks".into())),
         }
     }
 }
@@ -127,12 +156,15 @@ pub struct AttnShape {
 }
 
 /// The weights of one gated FFN: `gate` and `up` are `n x d`, `down_t` is the down projection
-/// transposed (`n x d`), so that every neuron owns one contiguous row of each.
+/// transposed (`n x d`), so that every neuron owns one contiguous row of each. For quantized
+/// weights `down` is the down projection as stored (`d x n`, blocks along the neurons), which dense
+/// decoding reads instead of `down_t` (a requantized copy for sparse decoding).
 #[derive(Clone, Copy)]
 pub struct FfnWeights<'a> {
     pub gate: &'a Matrix,
     pub up: &'a Matrix,
     pub down_t: &'a Matrix,
+    pub down: Option<&'a Matrix>,
     pub gate_bias: Option<&'a Buf>,
     pub up_bias: Option<&'a Buf>,
     pub act: Activation,
@@ -166,6 +198,16 @@ pub trait Backend: Send + Sync {
 
     /// Takes a weight matrix (a 2-D CPU tensor in the engine dtype) into the backend's memory.
     fn matrix(&self, t: Tensor) -> Result<Matrix>;
+    /// Takes a quantized `rows x cols` matrix into the backend's memory; an error where the
+    /// backend has no kernels for blocks.
+    fn quantized(&self, _rows: usize, _cols: usize, blocks: QBlocks) -> Result<Matrix> {
+        Err(crate::error::Error::arg(format!(
+            "the {} backend has no kernels for quantized ({}) weights; load the model with dtype='float32', \
+             'bfloat16' or 'float16'",
+            self.device(),
+            blocks.qtype().name()
+        )))
+    }
     /// A `rows x cols` matrix of uniform values in `[-scale, scale)` made on the device itself,
     /// when the backend can (benchmarks of shapes that do not fit a host copy); `None` otherwise.
     fn random_matrix(

@@ -7,9 +7,10 @@
 //! The metadata is translated into an HF `config.json` object, so one parser ([`ModelConfig`])
 //! serves both formats, and `convert` can write it out.
 
-use super::WeightSource;
+use super::{Precision, WeightData, WeightSource};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
+use crate::quant::{QBlocks, QType};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Map, Value as Json};
@@ -358,10 +359,11 @@ fn meta_str<'a>(c: &'a Content, k: &str, path: &Path) -> Result<&'a str> {
         .map_err(|_| Error::model(format!("GGUF metadata '{k}' in {} must be a string", path.display())))
 }
 
-/// Undoes llama.cpp's q/k row permutation: GGUF row `h*d + 2j + s` is HF row `h*d + s*d/2 + j`.
-fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+/// Undoes llama.cpp's q/k row permutation: GGUF row `h*d + 2j + s` is HF row `h*d + s*d/2 + j`
+/// (rows of `cols` elements: values, or the bytes of a row of blocks).
+fn unpermute_rows<T: Copy + Default>(data: &[T], rows: usize, cols: usize, heads: usize) -> Vec<T> {
     let d = rows / heads;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..heads {
         for j in 0..d / 2 {
             for s in 0..2 {
@@ -374,17 +376,14 @@ fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f
     out
 }
 
-impl WeightSource for GgufFile {
-    fn contains(&self, name: &str) -> bool {
-        self.gguf_name(name).is_some_and(|g| self.content.tensor_infos.contains_key(&g))
-    }
-
-    fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+impl GgufFile {
+    /// The GGUF name of HF tensor `name`, checked to exist with exactly `shape` (from the
+    /// directory, before the tensor is read or allocated).
+    fn checked_name(&self, name: &str, shape: &[usize]) -> Result<String> {
         let g = self
             .gguf_name(name)
             .filter(|g| self.content.tensor_infos.contains_key(g))
             .ok_or_else(|| Error::model(format!("missing tensor '{name}' in GGUF file {}", self.path.display())))?;
-        // The shape is checked from the directory, before the tensor is read or allocated.
         let dims = self.content.tensor_infos[&g].shape.dims();
         if dims != shape {
             return Err(Error::model(format!(
@@ -392,22 +391,70 @@ impl WeightSource for GgufFile {
                 self.path.display()
             )));
         }
+        Ok(g)
+    }
+
+    /// llama.cpp permutes Llama's q/k rows (weights and biases) for its rope layout: the number of
+    /// heads to undo it over, for such a tensor.
+    fn permuted_heads(&self, g: &str) -> Result<Option<usize>> {
+        let head_key = if g.contains(".attn_q.") {
+            "attention.head_count"
+        } else if g.contains(".attn_k.") {
+            "attention.head_count_kv"
+        } else {
+            return Ok(None);
+        };
+        if self.arch != "llama" {
+            return Ok(None);
+        }
+        let key = format!("{}.{head_key}", self.arch);
+        let heads =
+            self.meta_u64(&key)?.or(self.meta_u64("llama.attention.head_count")?).ok_or_else(|| self.missing(&key))?;
+        Ok(Some(heads as usize))
+    }
+
+    /// The blocks of a quantized matrix as stored (q/k rows unpermuted whole); `None` for a
+    /// float tensor.
+    fn blocks(&self, name: &str, rows: usize, cols: usize) -> Result<Option<QBlocks>> {
+        let g = self.checked_name(name, &[rows, cols])?;
+        let Some(q) = QType::from_ggml(self.content.tensor_infos[&g].ggml_dtype) else {
+            return Ok(None);
+        };
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let t = self
+            .content
+            .tensor(&mut *file, &g, &Device::Cpu)
+            .map_err(|e| Error::model(format!("cannot read tensor '{g}' from {}: {e}", self.path.display())))?;
+        let data = t.data()?;
+        let blocks = match self.permuted_heads(&g)? {
+            Some(heads) => QBlocks::from_bytes(q, &unpermute_rows(&data, rows, q.row_bytes(cols), heads)),
+            None => QBlocks::from_bytes(q, &data),
+        };
+        Ok(Some(blocks))
+    }
+}
+
+impl WeightSource for GgufFile {
+    /// Quantized matrices stay in their blocks for [`Precision::Stored`]; everything else is
+    /// dequantized (and, for [`Precision::Quant`], quantized again).
+    fn matrix(&self, name: &str, rows: usize, cols: usize, want: Precision) -> Result<WeightData> {
+        if want == Precision::Stored {
+            if let Some(b) = self.blocks(name, rows, cols)? {
+                return Ok(WeightData::Blocks(b));
+            }
+        }
+        super::matrix_from_tensor(self, name, rows, cols, want)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.gguf_name(name).is_some_and(|g| self.content.tensor_infos.contains_key(&g))
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let g = self.checked_name(name, shape)?;
         let t = self.dequantize(&g)?;
         let mut t = t.to_dtype(DType::F32)?;
-        // llama.cpp permutes Llama's q/k rows (weights and biases) for its rope layout.
-        let q_or_k = if g.contains(".attn_q.") {
-            Some("attention.head_count")
-        } else if g.contains(".attn_k.") {
-            Some("attention.head_count_kv")
-        } else {
-            None
-        };
-        if let (Some(head_key), "llama") = (q_or_k, self.arch.as_str()) {
-            let key = format!("{}.{head_key}", self.arch);
-            let heads = self
-                .meta_u64(&key)?
-                .or(self.meta_u64("llama.attention.head_count")?)
-                .ok_or_else(|| self.missing(&key))? as usize;
+        if let Some(heads) = self.permuted_heads(&g)? {
             let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
             let data = t.flatten_all()?.to_vec1::<f32>()?;
             t = Tensor::from_vec(unpermute_rows(&data, rows, cols, heads), shape, &Device::Cpu)?;

@@ -10,8 +10,7 @@ use super::rope::RopeTable;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kernels::{AttnShape, Backend, Buf, Step};
-use crate::load::WeightSource;
-use candle_core::DType;
+use crate::load::{Precision, WeightSource};
 
 pub struct Attention {
     pub q_proj: Linear,
@@ -42,7 +41,7 @@ impl Attention {
         p: &str,
         cfg: &ModelConfig,
         layer: usize,
-        dtype: DType,
+        dtype: Precision,
     ) -> Result<Self> {
         let (d, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
         let qk_norm = |n: &str| -> Result<Option<RmsNorm>> {

@@ -17,7 +17,7 @@ use super::state::State;
 use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::{Backend, Buf, Draw, Matrix};
-use crate::load::WeightSource;
+use crate::load::{Precision, WeightSource};
 use candle_core::DType;
 use std::sync::{Arc, Mutex};
 
@@ -35,7 +35,10 @@ pub struct Layer {
 
 pub struct Model {
     pub cfg: ModelConfig,
+    /// The float dtype: of the float weight matrices, and f32 for quantized models.
     pub dtype: DType,
+    /// How the weights were asked for at load (a float dtype, a block type, or as stored).
+    pub precision: Precision,
     /// Where the weights live and the kernels run.
     pub be: Arc<dyn Backend>,
     /// `(vocab, hidden)`.
@@ -44,6 +47,8 @@ pub struct Model {
     pub final_norm: RmsNorm,
     /// `(vocab, hidden)`; shares storage with `embed` when the embeddings are tied.
     pub lm_head: Linear,
+    /// The LM head is the embedding matrix.
+    tied: bool,
     /// Idle run states, reused by later calls (so that several threads can run at once).
     pool: Mutex<Vec<State>>,
     /// The logits live on a device (not the CPU), where sampling reads them.
@@ -62,7 +67,14 @@ pub enum Logits<'a> {
 
 impl Model {
     /// Builds the model from HF-named tensors, converting them to `dtype`, in `be`'s memory.
-    pub fn load(cfg: ModelConfig, src: &dyn WeightSource, dtype: DType, be: Arc<dyn Backend>) -> Result<Self> {
+    pub fn load(
+        cfg: ModelConfig,
+        src: &dyn WeightSource,
+        precision: impl Into<Precision>,
+        be: Arc<dyn Backend>,
+    ) -> Result<Self> {
+        let precision = precision.into();
+        let dtype = precision;
         let prefix = ["model.", "model.language_model.", "language_model.model."]
             .into_iter()
             .find(|p| src.contains(&format!("{p}embed_tokens.weight")))
@@ -110,14 +122,24 @@ impl Model {
         // Gemma always ties its embeddings, whatever the config says, when there is no lm_head.
         let gemma_tied =
             matches!(cfg.arch, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3) && !src.contains("lm_head.weight");
-        let lm_weight = if cfg.tie_word_embeddings || gemma_tied {
-            embed.clone()
-        } else {
-            load_matrix(b, src, "lm_head.weight", v, d, dtype)?
-        };
+        let tied = cfg.tie_word_embeddings || gemma_tied;
+        let lm_weight = if tied { embed.clone() } else { load_matrix(b, src, "lm_head.weight", v, d, dtype)? };
         let lm_head = Linear { weight: lm_weight, bias: None, in_dim: d, out_dim: v };
         let on_device = be.device() != "cpu";
-        Ok(Self { cfg, dtype, be, embed, layers, final_norm, lm_head, pool: Mutex::new(vec![]), on_device })
+        let dtype = precision.float_dtype();
+        Ok(Self {
+            cfg,
+            dtype,
+            precision,
+            be,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            tied,
+            pool: Mutex::new(vec![]),
+            on_device,
+        })
     }
 
     /// `cpu` or `cuda:N`.
@@ -134,7 +156,7 @@ impl Model {
             .map(|l| {
                 let a = &l.attn;
                 let projections = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj];
-                projections.iter().map(|p| p.weight.bytes()).sum::<usize>() + l.ffn.neurons() * l.ffn.bytes_per_neuron()
+                projections.iter().map(|p| p.weight.bytes()).sum::<usize>() + l.ffn.dense_bytes()
             })
             .sum();
         let norms = (self.layers.len() * 4 + 1) * self.cfg.hidden_size * 4;
@@ -146,6 +168,28 @@ impl Model {
         let skipped: usize =
             self.layers.iter().zip(kept).map(|(l, &k)| (l.ffn.neurons() - k) * l.ffn.bytes_per_neuron()).sum();
         self.decode_weight_bytes() - skipped
+    }
+
+    /// Bytes of the weight matrices the model holds, per storage type (`q4_1`, `float32`, ...;
+    /// a tied LM head counted once, a quantized FFN's requantized `Wd^T` included).
+    pub fn weight_types(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        let mut add = |w: &Matrix| *m.entry(w.type_name()).or_insert(0) += w.bytes();
+        add(&self.embed);
+        if !self.tied {
+            add(&self.lm_head.weight);
+        }
+        for l in &self.layers {
+            let a = &l.attn;
+            for p in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.ffn.gate, &l.ffn.up] {
+                add(&p.weight);
+            }
+            add(&l.ffn.down_t);
+            if let Some(d) = &l.ffn.down {
+                add(d);
+            }
+        }
+        m
     }
 
     /// Bytes of all FFN weights.

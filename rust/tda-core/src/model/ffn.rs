@@ -12,8 +12,9 @@ use super::linear::{load_vector, Linear};
 use crate::config::{Activation, ModelConfig};
 use crate::error::Result;
 use crate::kernels::{Backend, Buf, FfnScratch, FfnWeights, Matrix};
-use crate::load::WeightSource;
-use candle_core::DType;
+use crate::load::{Precision, WeightData, WeightSource};
+use crate::quant::{QBlocks, QType};
+use candle_core::{Device, Tensor};
 
 /// What the FFN does besides computing its output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,8 +34,11 @@ pub enum FfnMode {
 pub struct Ffn {
     pub gate: Linear,
     pub up: Linear,
-    /// `Wd^T`, `(intermediate, hidden)`.
+    /// `Wd^T`, `(intermediate, hidden)`: for quantized weights a copy requantized along the
+    /// hidden size ([`sparse_down_type`]), read by sparse decoding only.
     pub down_t: Matrix,
+    /// `Wd` as stored, `(hidden, intermediate)`, for quantized weights: dense products read it.
+    pub down: Option<Matrix>,
     pub down_bias: Option<Buf>,
     pub act: Activation,
 }
@@ -51,23 +55,66 @@ pub struct FfnBuffers<'a> {
     pub stats_offset: usize,
 }
 
+/// The block type of the transposed down projection of a quantized FFN whose `Wd` is stored as
+/// `stored`, with rows of `hidden` values. Requantizing along the other axis changes the weights;
+/// `TDA_ENGINE_SPARSE_DOWN` chooses how (BENCHMARKS.md measures both): `q8_0` (the default: the
+/// smallest change, 8 bits per weight), or `same` (the stored type where rows of `hidden` values
+/// are whole blocks of it, else llama.cpp's fallback for such rows: Q4_K -> Q5_0, Q5_K -> Q5_1,
+/// Q6_K, Q3_K and Q2_K -> Q8_0 / Q4_0).
+pub fn sparse_down_type(stored: QType, hidden: usize) -> QType {
+    let same = std::env::var("TDA_ENGINE_SPARSE_DOWN").is_ok_and(|v| v.eq_ignore_ascii_case("same"));
+    if !same {
+        return QType::Q8_0;
+    }
+    if stored.fits(hidden) {
+        return stored;
+    }
+    match stored {
+        QType::Q4K => QType::Q5_0,
+        QType::Q5K => QType::Q5_1,
+        QType::Q2K | QType::Q3K => QType::Q4_0,
+        _ => QType::Q8_0,
+    }
+}
+
 impl Ffn {
-    pub fn load(be: &dyn Backend, src: &dyn WeightSource, p: &str, cfg: &ModelConfig, dtype: DType) -> Result<Self> {
+    pub fn load(be: &dyn Backend, src: &dyn WeightSource, p: &str, cfg: &ModelConfig, want: Precision) -> Result<Self> {
         let (d, n, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         let name = format!("{p}.down_proj.weight");
-        // Wd (d x n) is read once from the source and handed over transposed.
-        let down_t = match src.random(&name, &[d, n]).and_then(|(seed, a)| be.random_matrix(n, d, dtype, seed, a)) {
-            Some(m) => m?,
-            None => be.matrix(src.tensor(&name, &[d, n], dtype)?.t()?.contiguous()?)?,
+        // Wd (d x n) is read once from the source; float weights are handed over transposed,
+        // quantized ones as stored plus a transposed, requantized copy.
+        let random = match (src.random(&name, &[d, n]), want) {
+            (Some((seed, a)), Precision::Float(dt)) => be.random_matrix(n, d, dt, seed, a),
+            _ => None,
+        };
+        let (down_t, down) = match random {
+            Some(m) => (m?, None),
+            None => match src.matrix(&name, d, n, want)? {
+                WeightData::Float(t) => (be.matrix(t.t()?.contiguous()?)?, None),
+                WeightData::Blocks(wd) => {
+                    let mut f = vec![0f32; d * n];
+                    wd.slice().dequantize(0, &mut f);
+                    let ft = Tensor::from_vec(f, (d, n), &Device::Cpu)?.t()?.contiguous()?;
+                    let q = sparse_down_type(wd.qtype(), d);
+                    let down_t = match q.fits(d) {
+                        true => {
+                            be.quantized(n, d, QBlocks::quantize(q, &ft.flatten_all()?.to_vec1::<f32>()?, n, d)?)?
+                        }
+                        false => be.matrix(ft)?,
+                    };
+                    (down_t, Some(be.quantized(d, n, wd)?))
+                }
+            },
         };
         let down_bias = match b {
             true => Some(be.upload(&load_vector(src, &format!("{p}.down_proj.bias"), d)?)?),
             false => None,
         };
         Ok(Self {
-            gate: Linear::load(be, src, &format!("{p}.gate_proj"), d, n, b, dtype)?,
-            up: Linear::load(be, src, &format!("{p}.up_proj"), d, n, b, dtype)?,
+            gate: Linear::load(be, src, &format!("{p}.gate_proj"), d, n, b, want)?,
+            up: Linear::load(be, src, &format!("{p}.up_proj"), d, n, b, want)?,
             down_t,
+            down,
             down_bias,
             act: cfg.act,
         })
@@ -77,9 +124,15 @@ impl Ffn {
         self.gate.out_dim
     }
 
-    /// Bytes of weights of one neuron (its rows of `Wg`, `Wu` and `Wd^T`).
+    /// Bytes of weights sparse decoding reads per kept neuron (its rows of `Wg`, `Wu` and `Wd^T`).
     pub fn bytes_per_neuron(&self) -> usize {
-        3 * self.gate.in_dim * self.down_t.dtype.size_in_bytes()
+        self.gate.weight.row_bytes() + self.up.weight.row_bytes() + self.down_t.row_bytes()
+    }
+
+    /// Bytes of weights dense decoding reads (`Wd` as stored where it is kept).
+    pub fn dense_bytes(&self) -> usize {
+        let down = self.down.as_ref().unwrap_or(&self.down_t);
+        self.gate.weight.bytes() + self.up.weight.bytes() + down.bytes()
     }
 
     pub fn weights(&self) -> FfnWeights<'_> {
@@ -87,6 +140,7 @@ impl Ffn {
             gate: &self.gate.weight,
             up: &self.up.weight,
             down_t: &self.down_t,
+            down: self.down.as_ref(),
             gate_bias: self.gate.bias.as_ref(),
             up_bias: self.up.bias.as_ref(),
             act: self.act,
@@ -119,6 +173,9 @@ impl Ffn {
             FfnMode::Sparse => be.mask_cols(b.a, rows, n, b.scratch)?,
             FfnMode::Dense => {}
         }
-        be.matmul(b.a, rows, &self.down_t, self.down_bias.as_ref(), out)
+        match (&self.down, mode) {
+            (Some(down), FfnMode::Dense | FfnMode::Observe) => be.linear(down, self.down_bias.as_ref(), b.a, rows, out),
+            _ => be.matmul(b.a, rows, &self.down_t, self.down_bias.as_ref(), out),
+        }
     }
 }

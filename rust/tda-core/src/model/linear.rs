@@ -2,7 +2,7 @@
 
 use crate::error::Result;
 use crate::kernels::{Backend, Buf, Matrix};
-use crate::load::WeightSource;
+use crate::load::{Precision, WeightData, WeightSource};
 use candle_core::DType;
 
 pub struct Linear {
@@ -21,7 +21,7 @@ impl Linear {
         in_dim: usize,
         out_dim: usize,
         bias: bool,
-        dtype: DType,
+        dtype: Precision,
     ) -> Result<Self> {
         let weight = load_matrix(be, src, &format!("{name}.weight"), out_dim, in_dim, dtype)?;
         let bias = if bias { Some(be.upload(&load_vector(src, &format!("{name}.bias"), out_dim)?)?) } else { None };
@@ -40,21 +40,25 @@ impl Linear {
 }
 
 /// A `rows x cols` weight matrix in the backend's memory: made on the device when the source is
-/// random and the backend can, else read from the source (in `dtype`) and handed over.
+/// random, the precision a float dtype and the backend can, else read from the source as `want`
+/// says and handed over.
 pub fn load_matrix(
     be: &dyn Backend,
     src: &dyn WeightSource,
     name: &str,
     rows: usize,
     cols: usize,
-    dtype: DType,
+    want: Precision,
 ) -> Result<Matrix> {
-    if let Some((seed, scale)) = src.random(name, &[rows, cols]) {
+    if let (Some((seed, scale)), Precision::Float(dtype)) = (src.random(name, &[rows, cols]), want) {
         if let Some(m) = be.random_matrix(rows, cols, dtype, seed, scale) {
             return m;
         }
     }
-    be.matrix(src.tensor(name, &[rows, cols], dtype)?)
+    match src.matrix(name, rows, cols, want)? {
+        WeightData::Float(t) => be.matrix(t),
+        WeightData::Blocks(b) => be.quantized(rows, cols, b),
+    }
 }
 
 /// A 1-D parameter (norm weight, bias) as f32.

@@ -3,14 +3,24 @@
 
 use super::{
     ffn_decode, gemv, gemv_many, kernels, matmul, on_huge_pages, row_to_f32, with_weights, FfnRows, RowCopy,
-    MAX_FFN_CHUNKS, PREFETCH_AHEAD,
+    WeightSlice, MAX_FFN_CHUNKS, PREFETCH_AHEAD,
 };
 use crate::config::Activation;
 use crate::error::{Error, Result};
 use crate::kernels::{AttnShape, Backend, Buf, FfnScratch, FfnWeights, Matrix, MatrixStore, Step};
+use crate::quant::QBlocks;
 use candle_core::Tensor;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::sync::Arc;
+
+/// Runs `f` on a host matrix's elements or blocks (no copy).
+fn with_matrix<R>(m: &Matrix, f: impl FnOnce(WeightSlice<'_>) -> R) -> Result<R> {
+    match &m.store {
+        MatrixStore::HostBlocks(b) => Ok(f(WeightSlice::Q(b.slice()))),
+        _ => with_weights(m.host()?, f),
+    }
+}
 
 pub struct CpuBackend;
 
@@ -43,6 +53,34 @@ pub struct KeptRows {
 thread_local! {
     /// Partial sums of the decode FFN kernel (`MAX_FFN_CHUNKS x hidden`), per calling thread.
     static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The gate and up outputs of [`ffn_dense_stored`] (`2 x intermediate`), per calling thread.
+    static GATE_UP: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Dense decode of a gated FFN whose down projection is kept as stored (`down`, `d x n`: quantized
+/// weights, blocks along the neurons): the gate and up products in one dispatch, the activation,
+/// then the down product, as llama.cpp runs it. Every weight is read once, in its stored blocks.
+fn ffn_dense_stored(
+    w: &FfnWeights<'_>,
+    down: &Matrix,
+    gb: Option<&[f32]>,
+    ub: Option<&[f32]>,
+    x: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
+    let (n, d) = (w.gate.rows, w.gate.cols);
+    GATE_UP.with_borrow_mut(|buf| {
+        if buf.len() < 2 * n {
+            buf.resize(2 * n, 0.0);
+        }
+        let (g, u) = buf[..2 * n].split_at_mut(n);
+        with_matrix(w.gate, |wg| with_matrix(w.up, |wu| gemv_many(d, x, &mut [(wg, &mut *g), (wu, &mut *u)])))??;
+        for j in 0..n {
+            let (gj, uj) = (g[j] + gb.map_or(0.0, |b| b[j]), u[j] + ub.map_or(0.0, |b| b[j]));
+            g[j] = activate(w.act, gj) * uj;
+        }
+        with_matrix(down, |wd| gemv(wd, n, g, out))
+    })
 }
 
 fn host_kept(s: &FfnScratch) -> Result<&KeptRows> {
@@ -198,6 +236,14 @@ impl Backend for CpuBackend {
         Ok(Matrix { rows, cols, dtype, store: MatrixStore::Host(on_huge_pages(t)?) })
     }
 
+    fn quantized(&self, rows: usize, cols: usize, blocks: QBlocks) -> Result<Matrix> {
+        let q = blocks.qtype();
+        if !q.fits(cols) || blocks.slice().len() * q.block() != rows * cols {
+            return Err(Error::Internal(format!("{} blocks do not make a {rows} x {cols} matrix", q.name())));
+        }
+        Ok(Matrix { rows, cols, dtype: candle_core::DType::F32, store: MatrixStore::HostBlocks(Arc::new(blocks)) })
+    }
+
     fn upload(&self, v: &[f32]) -> Result<Buf> {
         Ok(Buf::Host(v.to_vec()))
     }
@@ -260,7 +306,7 @@ impl Backend for CpuBackend {
     fn embed(&self, table: &Matrix, step: &Step, rows: usize, scale: Option<f32>, x: &mut Buf) -> Result<()> {
         let (tokens, _) = host_step(step)?;
         let (d, x) = (table.cols, x.host_mut()?);
-        with_weights(table.host()?, |w| {
+        with_matrix(table, |w| {
             for (i, &t) in tokens[..rows].iter().enumerate() {
                 row_to_f32(w, t as usize, d, &mut x[i * d..(i + 1) * d]);
             }
@@ -304,7 +350,7 @@ impl Backend for CpuBackend {
 
     fn linear(&self, w: &Matrix, bias: Option<&Buf>, x: &Buf, rows: usize, out: &mut Buf) -> Result<()> {
         let (x, out) = (&x.host()?[..rows * w.cols], &mut out.host_mut()?[..rows * w.rows]);
-        with_weights(w.host()?, |ws| {
+        with_matrix(w, |ws| {
             if rows == 1 {
                 gemv(ws, w.cols, x, out)
             } else {
@@ -323,11 +369,9 @@ impl Backend for CpuBackend {
             &mut o1.host_mut()?[..ws[1].0.rows],
             &mut o2.host_mut()?[..ws[2].0.rows],
         );
-        with_weights(ws[0].0.host()?, |w0| {
-            with_weights(ws[1].0.host()?, |w1| {
-                with_weights(ws[2].0.host()?, |w2| {
-                    gemv_many(d, x, &mut [(w0, &mut *o0), (w1, &mut *o1), (w2, &mut *o2)])
-                })
+        with_matrix(ws[0].0, |w0| {
+            with_matrix(ws[1].0, |w1| {
+                with_matrix(ws[2].0, |w2| gemv_many(d, x, &mut [(w0, &mut *o0), (w1, &mut *o1), (w2, &mut *o2)]))
             })
         })???;
         for ((w, b), o) in ws.iter().zip([o0, o1, o2]) {
@@ -338,7 +382,7 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, x: &Buf, rows: usize, w: &Matrix, bias: Option<&Buf>, out: &mut Buf) -> Result<()> {
         let (x, out) = (&x.host()?[..rows * w.rows], &mut out.host_mut()?[..rows * w.cols]);
-        with_weights(w.host()?, |ws| matmul(x, rows, ws, w.rows, w.cols, false, out))?;
+        with_matrix(w, |ws| matmul(x, rows, ws, w.rows, w.cols, false, out))?;
         add_rows(out, bias, w.cols)
     }
 
@@ -493,6 +537,9 @@ impl Backend for CpuBackend {
         let s = host_kept_mut(scratch)?;
         let (gb, ub) = (w.gate_bias.map(Buf::host).transpose()?, w.up_bias.map(Buf::host).transpose()?);
         let sparse = sparse && !s.all;
+        if let (false, Some(down)) = (sparse, w.down) {
+            return ffn_dense_stored(w, down, gb, ub, x, out);
+        }
         PARTIALS.with_borrow_mut(|partials| {
             if partials.len() < MAX_FFN_CHUNKS * d {
                 partials.resize(MAX_FFN_CHUNKS * d, 0.0);
@@ -500,14 +547,14 @@ impl Backend for CpuBackend {
             let mut decode = |rows: FfnRows<'_>, n: usize, kept: Option<&[u32]>, out: &mut [f32]| {
                 ffn_decode(kernels(), rows, n, kept, x, |v| activate(act, v), partials, out)
             };
-            with_weights(w.gate.host()?, |wg| {
-                with_weights(w.up.host()?, |wu| {
-                    with_weights(w.down_t.host()?, |wd| {
+            with_matrix(w.gate, |wg| {
+                with_matrix(w.up, |wu| {
+                    with_matrix(w.down_t, |wd| {
                         let rows = FfnRows { gate: wg, up: wu, down_t: wd, gate_bias: gb, up_bias: ub, d };
                         if !sparse {
                             return decode(rows, n, None, out);
                         }
-                        if d * wg.elem_bytes() >= COMPACT_BELOW_BYTES {
+                        if wg.row_bytes(d) >= COMPACT_BELOW_BYTES {
                             return decode(rows, n, Some(&s.kept), out);
                         }
                         if s.copied != s.version {
@@ -539,7 +586,7 @@ impl Backend for CpuBackend {
 
     fn row_sq_norms(&self, w: &Matrix) -> Result<Vec<f64>> {
         let mut row = vec![0f32; w.cols];
-        with_weights(w.host()?, |ws| {
+        with_matrix(w, |ws| {
             (0..w.rows)
                 .map(|r| {
                     row_to_f32(ws, r, w.cols, &mut row);

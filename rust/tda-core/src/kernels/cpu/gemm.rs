@@ -249,6 +249,7 @@ mod tiles {
             WeightSlice::F32(v) => out.copy_from_slice(&v[r]),
             WeightSlice::BF16(v) => v[r].convert_to_f32_slice(out),
             WeightSlice::F16(v) => v[r].convert_to_f32_slice(out),
+            WeightSlice::Q(q) => q.dequantize_range(r.start, out),
         }
     }
 

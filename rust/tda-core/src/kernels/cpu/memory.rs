@@ -4,7 +4,7 @@
 //! (transparent huge pages, `madvise` mode on most Linux systems; elsewhere this is a plain copy).
 
 /// An empty vector with room for `len` elements, in memory advised for huge pages.
-fn huge_page_vec<T>(len: usize) -> Vec<T> {
+pub fn huge_page_vec<T>(len: usize) -> Vec<T> {
     let mut v: Vec<T> = Vec::with_capacity(len);
     advise_huge_pages(v.as_mut_ptr() as *mut u8, len * std::mem::size_of::<T>());
     v
@@ -43,6 +43,7 @@ pub fn on_huge_pages(t: candle_core::Tensor) -> crate::error::Result<candle_core
         WeightSlice::F32(v) => Tensor::from_vec(huge_page_copy(v), shape, &Device::Cpu),
         WeightSlice::BF16(v) => Tensor::from_vec(huge_page_copy(v), shape, &Device::Cpu),
         WeightSlice::F16(v) => Tensor::from_vec(huge_page_copy(v), shape, &Device::Cpu),
+        WeightSlice::Q(_) => unreachable!("a tensor holds no quantized blocks"),
     })??)
 }
 
@@ -52,6 +53,7 @@ pub enum RowCopy {
     F32(Vec<f32>),
     BF16(Vec<half::bf16>),
     F16(Vec<half::f16>),
+    Q(crate::quant::QBlocks),
 }
 
 impl Default for RowCopy {
@@ -77,12 +79,14 @@ impl RowCopy {
             (RowCopy::F32(dst), W::F32(v)) => gather(dst, v, rows, cols),
             (RowCopy::BF16(dst), W::BF16(v)) => gather(dst, v, rows, cols),
             (RowCopy::F16(dst), W::F16(v)) => gather(dst, v, rows, cols),
+            (RowCopy::Q(dst), W::Q(v)) => dst.gather(v, rows, cols),
             // First fill, or another dtype: start a buffer of the right type.
             (_, w) => {
                 *self = match w {
                     W::F32(_) => RowCopy::F32(Vec::new()),
                     W::BF16(_) => RowCopy::BF16(Vec::new()),
                     W::F16(_) => RowCopy::F16(Vec::new()),
+                    W::Q(q) => RowCopy::Q(crate::quant::QBlocks::zeros(q.qtype(), 0)),
                 };
                 self.fill(w, rows, cols)
             }
@@ -96,6 +100,7 @@ impl RowCopy {
             RowCopy::F32(v) => W::F32(v),
             RowCopy::BF16(v) => W::BF16(v),
             RowCopy::F16(v) => W::F16(v),
+            RowCopy::Q(v) => W::Q(v.slice()),
         }
     }
 }

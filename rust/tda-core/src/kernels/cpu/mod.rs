@@ -1,6 +1,10 @@
-//! The CPU backend ([`CpuBackend`]) and its kernels on plain slices: weights in f32, bf16 or f16, activations and accumulation in f32.
+//! The CPU backend ([`CpuBackend`]) and its kernels on plain slices: weights in f32, bf16, f16 or
+//! llama.cpp's quantized blocks ([`crate::quant`]), activations and accumulation in f32.
 
 use crate::error::{Error, Result};
+#[cfg(test)]
+use crate::quant::QType;
+use crate::quant::{ActsType, QActs, QSlice};
 use candle_core::{CpuStorage, Storage, Tensor};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
@@ -12,6 +16,8 @@ pub enum WeightSlice<'a> {
     F32(&'a [f32]),
     BF16(&'a [bf16]),
     F16(&'a [f16]),
+    /// Quantized blocks: every row is `cols / block` whole blocks.
+    Q(QSlice<'a>),
 }
 
 /// Runs `f` on the raw elements of a contiguous CPU tensor (no copy).
@@ -34,14 +40,17 @@ mod backend;
 mod gemm;
 mod memory;
 #[cfg(target_arch = "x86_64")]
+mod qx86;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use backend::{activate, CpuBackend, KeptRows, COMPACT_BELOW_BYTES};
 pub use gemm::{matmul, matmul_on, prefill_path, PREFILL_PATHS};
-pub use memory::{huge_page_copy, on_huge_pages, RowCopy};
+pub use memory::{huge_page_copy, huge_page_vec, on_huge_pages, RowCopy};
 
 /// One instruction-set path of the inner loops: dot products of a weight row with f32 activations,
-/// `y += a * row`, and a plain sum, for f32, bf16 and f16 rows. A table is only handed out
+/// `y += a * row`, and a plain sum, for f32, bf16 and f16 rows; for quantized rows, dot products
+/// with activations quantized to 8 bits per block, and `y += a * row`. A table is only handed out
 /// ([`kernels`], [`available`]) when the CPU has its features, which makes calling it sound.
 /// The row entries also take the row the caller reads next, which they start prefetching.
 #[derive(Clone, Copy)]
@@ -50,7 +59,7 @@ pub struct Kernels {
     /// (`avx512` plus `vdpbf16ps` for bf16 rows); for the table in use, the paths it combines.
     pub name: &'static str,
     /// The path of each weight dtype's loops, in [`DTYPES`] order.
-    pub paths: [&'static str; 3],
+    pub paths: [&'static str; 4],
     dot_f32: unsafe fn(&[f32], &[f32], &[f32]) -> f32,
     dot_bf16: unsafe fn(&[bf16], &[f32], &[bf16]) -> f32,
     dot_f16: unsafe fn(&[f16], &[f32], &[f16]) -> f32,
@@ -61,14 +70,19 @@ pub struct Kernels {
     axpy_bf16: unsafe fn(f32, &[bf16], &mut [f32], &[bf16]),
     axpy_f16: unsafe fn(f32, &[f16], &mut [f32], &[f16]),
     sum_f32: unsafe fn(&[f32]) -> f32,
+    /// A quantized row (whole blocks) against activations quantized for its type, prefetching on
+    /// into the raw bytes `next`.
+    dot_q: unsafe fn(QSlice<'_>, &QActs, &[u8]) -> f32,
+    axpy_q: unsafe fn(f32, QSlice<'_>, &mut [f32], &[u8]),
 }
 
-/// The weight dtypes of the kernel table, in the order of [`Kernels::paths`].
-pub const DTYPES: [&str; 3] = ["f32", "bf16", "f16"];
+/// The weight dtypes of the kernel table, in the order of [`Kernels::paths`] (`quant`: every
+/// block-quantized type).
+pub const DTYPES: [&str; 4] = ["f32", "bf16", "f16", "quant"];
 
 const PORTABLE: Kernels = Kernels {
     name: "portable",
-    paths: ["portable"; 3],
+    paths: ["portable"; 4],
     dot_f32: |r, x, _| dot_portable(r, x),
     dot_bf16: |r, x, _| dot_half(r, x, |s, d| s.convert_to_f32_slice(d)),
     dot_f16: |r, x, _| dot_half(r, x, |s, d| s.convert_to_f32_slice(d)),
@@ -77,12 +91,14 @@ const PORTABLE: Kernels = Kernels {
     axpy_bf16: |a, r, y, _| axpy_half(a, r, y, |s, d| s.convert_to_f32_slice(d)),
     axpy_f16: |a, r, y, _| axpy_half(a, r, y, |s, d| s.convert_to_f32_slice(d)),
     sum_f32: sum_portable,
+    dot_q: |w, a, _| crate::quant::dot_portable(w, a),
+    axpy_q: |a, w, y, _| axpy_q_with(a, w, y, axpy_portable),
 };
 
 #[cfg(target_arch = "x86_64")]
 const AVX2: Kernels = Kernels {
     name: "avx2",
-    paths: ["avx2"; 3],
+    paths: ["avx2"; 4],
     dot_f32: x86::dot_f32,
     dot_bf16: x86::dot_bf16,
     dot_f16: x86::dot_f16,
@@ -91,12 +107,14 @@ const AVX2: Kernels = Kernels {
     axpy_bf16: x86::axpy_bf16,
     axpy_f16: x86::axpy_f16,
     sum_f32: x86::sum_f32,
+    dot_q: |w, a, n| unsafe { dot_q_x86(w, a, n, false) },
+    axpy_q: axpy_q_x86,
 };
 
 #[cfg(target_arch = "x86_64")]
 const AVX512: Kernels = Kernels {
     name: "avx512",
-    paths: ["avx512"; 3],
+    paths: ["avx512"; 4],
     dot_f32: x86::dot_f32_512,
     dot_bf16: x86::dot_bf16_512,
     dot_f16: x86::dot_f16_512,
@@ -105,13 +123,68 @@ const AVX512: Kernels = Kernels {
     axpy_bf16: x86::axpy_bf16_512,
     axpy_f16: x86::axpy_f16_512,
     sum_f32: x86::sum_f32_512,
+    dot_q: |w, a, n| unsafe { dot_q_x86(w, a, n, vnni()) },
+    axpy_q: axpy_q_x86,
 };
 
 /// AVX-512 with `avx512_bf16`: bf16 rows against bf16 activations with `vdpbf16ps`, no widening.
 /// (`y += a * row` keeps the widening loop: its output is f32.)
 #[cfg(target_arch = "x86_64")]
 const AVX512BF16: Kernels =
-    Kernels { name: "avx512bf16", paths: ["avx512bf16"; 3], dot_bf16_bf16: Some(x86::dot_bf16_dp), ..AVX512 };
+    Kernels { name: "avx512bf16", paths: ["avx512bf16"; 4], dot_bf16_bf16: Some(x86::dot_bf16_dp), ..AVX512 };
+
+/// Whether the CPU has AVX-512 VNNI (on 256-bit vectors: `avx512vl`), for the quantized dots.
+#[cfg(target_arch = "x86_64")]
+fn vnni() -> bool {
+    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+}
+
+/// A quantized row's dot product on the x86 paths: our integer loops for the 32-element formats
+/// (VNNI's `vpdpbusd` where `vnni`, else AVX2's `maddubs`), candle's AVX2 loops for the K-quants
+/// (and its portable loop for Q5_1).
+#[cfg(target_arch = "x86_64")]
+unsafe fn dot_q_x86(w: QSlice<'_>, a: &QActs, next: &[u8], vnni: bool) -> f32 {
+    use crate::quant::QType;
+    let (wb, ab) = (w.bytes(), a.bytes());
+    // SAFETY: the tables holding this exist only on CPUs with AVX2, FMA and F16C (and VNNI where
+    // `vnni`); the activations were quantized for this type, with at least as many blocks.
+    unsafe {
+        match (w.qtype(), vnni) {
+            (QType::Q4_0, false) => qx86::dot_q4_0(wb, ab, next),
+            (QType::Q4_0, true) => qx86::dot_q4_0_vnni(wb, ab, next),
+            (QType::Q4_1, false) => qx86::dot_q4_1(wb, ab, next),
+            (QType::Q4_1, true) => qx86::dot_q4_1_vnni(wb, ab, next),
+            (QType::Q5_0, false) => qx86::dot_q5_0(wb, ab, next),
+            (QType::Q5_0, true) => qx86::dot_q5_0_vnni(wb, ab, next),
+            (QType::Q8_0, false) => qx86::dot_q8_0(wb, ab, next),
+            (QType::Q8_0, true) => qx86::dot_q8_0_vnni(wb, ab, next),
+            _ => crate::quant::dot_candle(w, a),
+        }
+    }
+}
+
+/// `y += a * row` for a quantized row on the x86 paths.
+#[cfg(target_arch = "x86_64")]
+unsafe fn axpy_q_x86(a: f32, w: QSlice<'_>, y: &mut [f32], next: &[u8]) {
+    // SAFETY: as in `dot_q_x86`.
+    unsafe {
+        match w {
+            QSlice::Q8_0(_) => qx86::axpy_q8_0(a, w.bytes(), y, next),
+            _ => axpy_q_with(a, w, y, |a, x, y| x86::axpy_f32(a, x, y, &[])),
+        }
+    }
+}
+
+/// `y += a * row` for a quantized row, one block at a time: dequantized on the stack, then `axpy`.
+fn axpy_q_with(a: f32, w: QSlice<'_>, y: &mut [f32], axpy: impl Fn(f32, &[f32], &mut [f32])) {
+    let b = w.qtype().block();
+    let mut buf = [0f32; 256];
+    for (i, ys) in y[..w.len() * b].chunks_exact_mut(b).enumerate() {
+        let block = &mut buf[..b];
+        w.blocks(i..i + 1).dequantize(0, block);
+        axpy(a, block, ys);
+    }
+}
 
 /// Every path this CPU can run, slowest first.
 pub fn available() -> Vec<&'static Kernels> {
@@ -198,7 +271,7 @@ fn table(path: &str) -> Option<&'static Kernels> {
 }
 
 /// One table from a path per dtype: each dtype's loops from its own path (the sum with f32's).
-fn combine(paths: [&'static str; 3]) -> Kernels {
+fn combine(paths: [&'static str; 4]) -> Kernels {
     let t = paths.map(|p| table(p).unwrap_or(&PORTABLE));
     let name = if paths.iter().all(|p| *p == paths[0]) {
         paths[0]
@@ -219,19 +292,21 @@ fn combine(paths: [&'static str; 3]) -> Kernels {
         dot_bf16_bf16: t[1].dot_bf16_bf16,
         dot_f16: t[2].dot_f16,
         axpy_f16: t[2].axpy_f16,
+        dot_q: t[3].dot_q,
+        axpy_q: t[3].axpy_q,
     }
 }
 
 /// The paths `TDA_ENGINE_KERNELS` asks for: one path for every dtype (`avx2`), or some dtypes'
 /// (`bf16=avx2,f16=avx512`; the others keep `default`). A path the CPU lacks falls back to the default.
-fn forced(spec: &str, default: [&'static str; 3]) -> [&'static str; 3] {
+fn forced(spec: &str, default: [&'static str; 4]) -> [&'static str; 4] {
     let known = |p: &str| PATHS.iter().copied().find(|k| *k == p).filter(|k| table(k).is_some());
     let mut out = default;
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.split_once('=') {
             None => {
                 if let Some(p) = known(part) {
-                    out = [p; 3];
+                    out = [p; 4];
                 }
             }
             Some((d, p)) => {
@@ -261,7 +336,7 @@ pub fn kernels() -> &'static Kernels {
 }
 
 /// The paths [`rule`] chooses on this CPU, per dtype ([`DTYPES`] order).
-pub fn chosen_paths() -> [&'static str; 3] {
+pub fn chosen_paths() -> [&'static str; 4] {
     let cpu = cpu();
     let have: Vec<&str> = available().iter().map(|k| k.name).collect();
     DTYPES.map(|d| rule(&cpu, &have, d).0)
@@ -292,7 +367,8 @@ impl Kernels {
     }
 
     /// `W[r, :] . x` for a row-major matrix with `cols` columns, prefetching on into the rows
-    /// `next` (a range of rows, read next in order).
+    /// `next` (a range of rows, read next in order). Quantized rows quantize `x` for the call
+    /// (products over many rows quantize it once: [`Kernels::row_dot_acts`]).
     #[inline]
     pub fn row_dot(&self, w: WeightSlice<'_>, r: usize, cols: usize, x: &[f32], next: Range<usize>) -> f32 {
         let x = &x[..cols];
@@ -303,8 +379,16 @@ impl Kernels {
                 WeightSlice::F32(v) => (self.dot_f32)(&v[span], x, &v[nspan]),
                 WeightSlice::BF16(v) => (self.dot_bf16)(&v[span], x, &v[nspan]),
                 WeightSlice::F16(v) => (self.dot_f16)(&v[span], x, &v[nspan]),
+                WeightSlice::Q(_) => with_acts(self, &[w], x, |a| self.row_dot_acts(w, r, cols, a, next)),
             }
         }
+    }
+
+    /// Row `r` of quantized blocks `q` (rows of `cols` elements), and the raw bytes of rows `next`.
+    #[inline]
+    fn q_rows<'a>(q: QSlice<'a>, r: usize, cols: usize, next: Range<usize>) -> (QSlice<'a>, &'a [u8]) {
+        let bpr = cols / q.qtype().block();
+        (q.blocks(r * bpr..(r + 1) * bpr), q.blocks(next.start * bpr..next.end * bpr).bytes())
     }
 
     /// Whether this table's bf16 rows take bf16 activations (`vdpbf16ps`); see [`Acts`].
@@ -317,6 +401,12 @@ impl Kernels {
     /// `x`'s bf16 copy where the table multiplies bf16 natively.
     #[inline]
     pub fn row_dot_acts(&self, w: WeightSlice<'_>, r: usize, cols: usize, x: &Acts<'_>, next: Range<usize>) -> f32 {
+        if let WeightSlice::Q(q) = w {
+            let (row, next) = Self::q_rows(q, r, cols, next);
+            let acts = x.q[q.qtype().acts().index()].expect("activations quantized for the row's type");
+            // SAFETY: as in `dot`; `acts` holds the quantized `x` (`cols` values).
+            return unsafe { (self.dot_q)(row, acts, next) };
+        }
         match (w, x.bf16, self.dot_bf16_bf16) {
             (WeightSlice::BF16(v), Some(xb), Some(dot)) => {
                 let (span, nspan) = (r * cols..(r + 1) * cols, next.start * cols..next.end * cols);
@@ -331,6 +421,11 @@ impl Kernels {
     #[inline]
     pub fn row_axpy(&self, w: WeightSlice<'_>, r: usize, cols: usize, a: f32, y: &mut [f32], next: Range<usize>) {
         let y = &mut y[..cols];
+        if let WeightSlice::Q(q) = w {
+            let (row, next) = Self::q_rows(q, r, cols, next);
+            // SAFETY: as in `dot`; the row has `cols` elements.
+            return unsafe { (self.axpy_q)(a, row, y, next) };
+        }
         let (span, nspan) = (r * cols..(r + 1) * cols, next.start * cols..next.end * cols);
         // SAFETY: as in `row_dot`.
         unsafe {
@@ -338,36 +433,70 @@ impl Kernels {
                 WeightSlice::F32(v) => (self.axpy_f32)(a, &v[span], y, &v[nspan]),
                 WeightSlice::BF16(v) => (self.axpy_bf16)(a, &v[span], y, &v[nspan]),
                 WeightSlice::F16(v) => (self.axpy_f16)(a, &v[span], y, &v[nspan]),
+                WeightSlice::Q(_) => unreachable!("handled above"),
             }
         }
     }
 }
 
 /// The input of a matrix-vector product: f32, plus its bf16 rounding where the table multiplies
-/// bf16 rows natively (made once per product, not once per row). Up to [`ACTS_ON_STACK`] values
-/// the copy lives on the stack: no allocation per token.
+/// bf16 rows natively, plus its 8-bit blocks for each activation type the quantized rows take
+/// ([`crate::quant::ActsType`]); each made once per product, not once per row. Up to
+/// [`ACTS_ON_STACK`] values the bf16 copy lives on the stack, and the 8-bit blocks in the calling
+/// thread's reused buffers: no allocation per token.
 pub struct Acts<'a> {
     pub f32: &'a [f32],
     pub bf16: Option<&'a [bf16]>,
+    pub q: [Option<&'a QActs>; 3],
 }
 
 /// Activations up to this length are rounded to bf16 on the stack.
 pub const ACTS_ON_STACK: usize = 8192;
 
-/// Runs `f` on `x` as [`Acts`] for weights `w` on table `k`.
+thread_local! {
+    /// A thread's buffers of quantized activations, one per [`ActsType`].
+    static QACTS: std::cell::RefCell<[QActs; 3]> = std::cell::RefCell::new(ActsType::ALL.map(QActs::new));
+}
+
+/// Runs `f` on `x` as [`Acts`] for the weights `ws` on table `k`.
 #[inline]
-pub fn with_acts<R>(k: &Kernels, w: WeightSlice<'_>, x: &[f32], f: impl FnOnce(&Acts<'_>) -> R) -> R {
-    if !(k.native_bf16() && matches!(w, WeightSlice::BF16(_))) {
-        return f(&Acts { f32: x, bf16: None });
+pub fn with_acts<R>(k: &Kernels, ws: &[WeightSlice<'_>], x: &[f32], f: impl FnOnce(&Acts<'_>) -> R) -> R {
+    let mut need = [false; 3];
+    for w in ws {
+        if let WeightSlice::Q(q) = w {
+            need[q.qtype().acts().index()] = true;
+        }
+    }
+    let bf16 = k.native_bf16() && ws.iter().any(|w| matches!(w, WeightSlice::BF16(_)));
+    let with_q = |xb: Option<&[bf16]>| -> R {
+        if !need.contains(&true) {
+            return f(&Acts { f32: x, bf16: xb, q: [None; 3] });
+        }
+        let run = |bufs: &mut [QActs; 3]| {
+            for (b, _) in bufs.iter_mut().zip(need).filter(|(_, n)| *n) {
+                b.quantize(x);
+            }
+            let q = [0, 1, 2].map(|i| need[i].then_some(&bufs[i]));
+            f(&Acts { f32: x, bf16: xb, q })
+        };
+        // A task stolen by this thread inside a parallel loop may be another product: then the
+        // buffers are in use and this product gets its own.
+        QACTS.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut bufs) => run(&mut bufs),
+            Err(_) => run(&mut ActsType::ALL.map(QActs::new)),
+        })
+    };
+    if !bf16 {
+        return with_q(None);
     }
     if x.len() <= ACTS_ON_STACK {
         let mut buf = [bf16::ZERO; ACTS_ON_STACK];
         let b = &mut buf[..x.len()];
         b.convert_from_f32_slice(x);
-        f(&Acts { f32: x, bf16: Some(b) })
+        with_q(Some(b))
     } else {
         let b: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
-        f(&Acts { f32: x, bf16: Some(&b) })
+        with_q(Some(&b))
     }
 }
 
@@ -443,6 +572,7 @@ pub fn row_to_f32(w: WeightSlice<'_>, r: usize, cols: usize, out: &mut [f32]) {
         WeightSlice::F32(v) => out.copy_from_slice(&v[span]),
         WeightSlice::BF16(v) => v[span].convert_to_f32_slice(out),
         WeightSlice::F16(v) => v[span].convert_to_f32_slice(out),
+        WeightSlice::Q(q) => q.dequantize(span.start, out),
     }
 }
 
@@ -452,11 +582,12 @@ pub fn row_to_f32(w: WeightSlice<'_>, r: usize, cols: usize, out: &mut [f32]) {
 pub const PREFETCH_AHEAD: usize = 2048;
 
 impl WeightSlice<'_> {
-    /// Bytes per element.
-    pub fn elem_bytes(&self) -> usize {
+    /// Bytes of one row of `cols` elements.
+    pub fn row_bytes(&self, cols: usize) -> usize {
         match self {
-            WeightSlice::F32(_) => 4,
-            _ => 2,
+            WeightSlice::F32(_) => 4 * cols,
+            WeightSlice::BF16(_) | WeightSlice::F16(_) => 2 * cols,
+            WeightSlice::Q(q) => q.qtype().row_bytes(cols),
         }
     }
 }
@@ -479,7 +610,7 @@ pub fn gemv_many(cols: usize, x: &[f32], parts: &mut [(WeightSlice<'_>, &mut [f3
 /// [`gemv`] on a given path.
 pub fn gemv_with(k: &Kernels, w: WeightSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
     debug_assert_eq!(x.len(), cols);
-    with_acts(k, w, &x[..cols], |x| gemv_acts(k, w, cols, x, out))
+    with_acts(k, &[w], &x[..cols], |x| gemv_acts(k, w, cols, x, out))
 }
 
 fn gemv_acts(k: &Kernels, w: WeightSlice<'_>, cols: usize, x: &Acts<'_>, out: &mut [f32]) {
@@ -549,7 +680,7 @@ pub fn ffn_decode(
     if count == 0 {
         return;
     }
-    with_acts(k, w.gate, &x[..d], |x| ffn_decode_acts(k, w, n, kept, x, act, partials, out))
+    with_acts(k, &[w.gate, w.up], &x[..d], |x| ffn_decode_acts(k, w, n, kept, x, act, partials, out))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -635,22 +766,22 @@ mod tests {
         let pick = |c: &Cpu, have: &[&str]| DTYPES.map(|d| rule(c, have, d).0);
         let x512 = ["portable", "avx2", "avx512"];
         let bf = ["portable", "avx2", "avx512", "avx512bf16"];
-        assert_eq!(pick(&intel, &x512), ["avx512"; 3]);
-        assert_eq!(pick(&intel, &bf), ["avx512", "avx512bf16", "avx512"]);
-        assert_eq!(pick(&zen4, &x512), ["avx2"; 3]);
-        assert_eq!(pick(&zen4, &bf), ["avx2", "avx512bf16", "avx2"]);
-        assert_eq!(pick(&zen4, &["portable", "avx2"]), ["avx2"; 3]);
-        assert_eq!(pick(&other, &x512), ["avx2"; 3]);
-        assert_eq!(pick(&intel, &["portable"]), ["portable"; 3]);
+        assert_eq!(pick(&intel, &x512), ["avx512"; 4]);
+        assert_eq!(pick(&intel, &bf), ["avx512", "avx512bf16", "avx512", "avx512"]);
+        assert_eq!(pick(&zen4, &x512), ["avx2"; 4]);
+        assert_eq!(pick(&zen4, &bf), ["avx2", "avx512bf16", "avx2", "avx2"]);
+        assert_eq!(pick(&zen4, &["portable", "avx2"]), ["avx2"; 4]);
+        assert_eq!(pick(&other, &x512), ["avx2"; 4]);
+        assert_eq!(pick(&intel, &["portable"]), ["portable"; 4]);
         // The chosen table has this CPU's paths, and forcing replaces them dtype by dtype.
         let chosen = chosen_paths();
         let have: Vec<&str> = available().iter().map(|k| k.name).collect();
         assert!(chosen.iter().all(|p| have.contains(p)), "{chosen:?} not in {have:?}");
-        assert_eq!(forced("portable", chosen), ["portable"; 3]);
-        assert_eq!(forced("bf16=portable", chosen), [chosen[0], "portable", chosen[2]]);
+        assert_eq!(forced("portable", chosen), ["portable"; 4]);
+        assert_eq!(forced("bf16=portable", chosen), [chosen[0], "portable", chosen[2], chosen[3]]);
         assert_eq!(forced("no-such-path,f16=nope", chosen), chosen);
-        let mixed = combine(["portable", chosen[1], "portable"]);
-        assert_eq!(mixed.paths, ["portable", chosen[1], "portable"]);
+        let mixed = combine(["portable", chosen[1], "portable", chosen[3]]);
+        assert_eq!(mixed.paths, ["portable", chosen[1], "portable", chosen[3]]);
     }
 
     fn reference(w: &[f32], cols: usize, x: &[f32]) -> Vec<f32> {
@@ -761,13 +892,168 @@ mod tests {
                     // With the activations as a matrix-vector product hands them (bf16 on a native path).
                     let xr = acts_as_multiplied(k, ws, &x);
                     let want_acts: f64 = wf.iter().zip(&xr).map(|(a, b)| *a as f64 * *b as f64).sum();
-                    let d = with_acts(k, ws, &x, |a| k.row_dot_acts(ws, 0, n, a, 0..0)) as f64;
+                    let d = with_acts(k, &[ws], &x, |a| k.row_dot_acts(ws, 0, n, a, 0..0)) as f64;
                     assert!((d - want_acts).abs() <= tol, "{} acts dot n={n}: {d} vs {want_acts}", k.name);
                     let mut y = x.clone();
                     k.row_axpy(ws, 0, n, 0.5, &mut y, 0..0);
                     for ((a, xi), wi) in y.iter().zip(&x).zip(&wf) {
                         let b = *xi as f64 + 0.5 * *wi as f64;
                         assert!((*a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()), "{} axpy n={n}", k.name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deterministic values with a few outliers (as real activations and weights have).
+    fn wavy(n: usize, seed: u64) -> Vec<f32> {
+        let mut h = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|i| {
+                h ^= h << 13;
+                h ^= h >> 7;
+                h ^= h << 17;
+                let u = (h >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+                (if i % 37 == 5 { 8.0 * u } else { u }) as f32
+            })
+            .collect()
+    }
+
+    /// How far an integer dot product of a row may be from the f64 dot product of the dequantized
+    /// row with the unrounded activations: each activation is rounded to a multiple of its block's
+    /// step `d = max|x| / 127` (at most `d / 2`, plus the f16 rounding of `d` times 127, < `0.07 d`),
+    /// and Q8_1's `s = d sum(q)` is stored in f16 (relative 2^-10 with the sum's own rounding,
+    /// times the weight block's minimum `m`, bounded here by the block's largest |w|).
+    fn quantization_bound(q: QType, w: &[f32], x: &[f32]) -> f64 {
+        let ab = match q.acts() {
+            ActsType::Q8K => 256,
+            _ => 32,
+        };
+        let mut bound = 0f64;
+        for (wb, xb) in w.chunks(ab).zip(x.chunks(ab)) {
+            let d = xb.iter().fold(0f64, |m, v| m.max(v.abs() as f64)) / 127.0;
+            bound += 0.57 * d * wb.iter().map(|v| v.abs() as f64).sum::<f64>();
+            if q.acts() == ActsType::Q8_1 {
+                let s: f64 = xb.iter().map(|v| v.abs() as f64).sum();
+                bound += wb.iter().fold(0f64, |m, v| m.max(v.abs() as f64)) * (s * 2f64.powi(-10) + d);
+            }
+        }
+        bound + 1e-6
+    }
+
+    #[test]
+    fn quantized_gemv_matches_dequantize_then_dot_on_every_path_type_and_odd_size() {
+        use crate::quant::{dot_portable, QActs, QBlocks};
+        for k in paths("quantized gemv") {
+            for q in QType::ALL {
+                let b = q.block();
+                // Odd row counts and odd numbers of blocks per row (1, 3, 19 blocks of 32; 1 and 3 of 256).
+                let shapes: &[(usize, usize)] =
+                    if b == 32 { &[(1, 32), (7, 96), (33, 608)] } else { &[(3, 256), (9, 768)] };
+                for &(rows, cols) in shapes {
+                    let wf = wavy(rows * cols, 1 + rows as u64);
+                    let x = wavy(cols, 7 + cols as u64);
+                    let blocks = QBlocks::quantize(q, &wf, rows, cols).unwrap();
+                    let mut deq = vec![0f32; rows * cols];
+                    blocks.slice().dequantize(0, &mut deq);
+                    let mut out = vec![f32::NAN; rows];
+                    gemv_with(k, WeightSlice::Q(blocks.slice()), cols, &x, &mut out);
+                    let mut acts = QActs::new(q.acts());
+                    acts.quantize(&x);
+                    let bpr = cols / b;
+                    for r in 0..rows {
+                        let wr = &deq[r * cols..(r + 1) * cols];
+                        let exact: f64 = wr.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let bound = quantization_bound(q, wr, &x);
+                        let got = out[r] as f64;
+                        assert!(
+                            (got - exact).abs() <= bound,
+                            "{} {} {rows}x{cols} row {r}: {got} vs {exact} (bound {bound})",
+                            k.name,
+                            q.name()
+                        );
+                        // The same integers as ggml's reference loop: only f32 summation order differs.
+                        let want = dot_portable(blocks.slice().blocks(r * bpr..(r + 1) * bpr), &acts) as f64;
+                        let scale: f64 = wr.iter().zip(&x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + scale),
+                            "{} {} row {r}: {got} vs reference loop {want}",
+                            k.name,
+                            q.name()
+                        );
+                    }
+                    // y += a * row, against the dequantized row.
+                    let mut y = x.clone();
+                    k.row_axpy(WeightSlice::Q(blocks.slice()), rows - 1, cols, 0.75, &mut y, 0..0);
+                    for ((yi, xi), wi) in y.iter().zip(&x).zip(&deq[(rows - 1) * cols..]) {
+                        let want = *xi as f64 + 0.75 * *wi as f64;
+                        assert!((*yi as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "{} {} axpy", k.name, q.name());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_ffn_decode_matches_dequantized_reference_dense_and_sparse() {
+        use crate::quant::QBlocks;
+        let act = |v: f32| v / (1.0 + (-v).exp());
+        for k in paths("quantized ffn_decode") {
+            for (qg, qd) in [(QType::Q4_1, QType::Q8_0), (QType::Q5_0, QType::Q8_0), (QType::Q4K, QType::Q6K)] {
+                let (n, d) = (45, 512);
+                let (g, u, dt, x) = (wavy(n * d, 1), wavy(n * d, 2), wavy(n * d, 3), wavy(d, 4));
+                let (gq, uq, dq) = (
+                    QBlocks::quantize(qg, &g, n, d).unwrap(),
+                    QBlocks::quantize(qg, &u, n, d).unwrap(),
+                    QBlocks::quantize(qd, &dt, n, d).unwrap(),
+                );
+                let deq = |b: &QBlocks| {
+                    let mut v = vec![0f32; n * d];
+                    b.slice().dequantize(0, &mut v);
+                    v
+                };
+                let (g, u, dt) = (deq(&gq), deq(&uq), deq(&dq));
+                let kept: Vec<u32> = (0..n as u32).filter(|j| j % 3 != 1).collect();
+                for sel in [None, Some(&kept[..])] {
+                    let idx: Vec<usize> = sel.map_or((0..n).collect(), |k| k.iter().map(|&j| j as usize).collect());
+                    let (mut want, mut bound) = (vec![0f64; d], 0f64);
+                    for &j in &idx {
+                        let row = |w: &[f32]| -> f64 {
+                            w[j * d..(j + 1) * d].iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum()
+                        };
+                        let (gj, uj) = (row(&g), row(&u));
+                        let a = act(gj as f32) as f64 * uj;
+                        // The gate and up products' quantization error, through act(g) * u (act' <= 1.1).
+                        let (eg, eu) = (
+                            quantization_bound(qg, &g[j * d..(j + 1) * d], &x),
+                            quantization_bound(qg, &u[j * d..(j + 1) * d], &x),
+                        );
+                        let da = 1.1 * eg * (uj.abs() + eu) + (act(gj as f32) as f64).abs() * eu + eg * eu;
+                        let dmax = dt[j * d..(j + 1) * d].iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+                        bound += da * dmax;
+                        for i in 0..d {
+                            want[i] += a * dt[j * d + i] as f64;
+                        }
+                    }
+                    let w = FfnRows {
+                        gate: WeightSlice::Q(gq.slice()),
+                        up: WeightSlice::Q(uq.slice()),
+                        down_t: WeightSlice::Q(dq.slice()),
+                        gate_bias: None,
+                        up_bias: None,
+                        d,
+                    };
+                    let mut partials = vec![0f32; MAX_FFN_CHUNKS * d];
+                    let mut out = vec![0f32; d];
+                    ffn_decode(k, w, n, sel, &x, act, &mut partials, &mut out);
+                    for (o, w) in out.iter().zip(&want) {
+                        assert!(
+                            ((*o as f64) - w).abs() <= bound + 1e-4,
+                            "{} {}/{}: {o} vs {w} (bound {bound})",
+                            k.name,
+                            qg.name(),
+                            qd.name()
+                        );
                     }
                 }
             }

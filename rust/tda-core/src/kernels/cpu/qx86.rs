@@ -1,0 +1,191 @@
+//! x86-64 dot products of block-quantized weight rows with 8-bit activations (ggml's integer
+//! scheme), for the 32-element formats: Q4_0, Q4_1, Q5_0 and Q8_0 rows against Q8_0 or Q8_1
+//! activation blocks, and `y += a * row` for Q8_0 rows (the sparse FFN's transposed down
+//! projection). Two variants of each dot: AVX2 (`maddubs` + `madd`: u8 x i8 pairs summed to i16,
+//! then to i32) and AVX-512 VNNI on 256-bit vectors (`vpdpbusd`: u8 x i8 quadruples summed straight
+//! into i32, one instruction instead of two).
+//!
+//! Block layouts (ggml's, `repr(C)`, little-endian): Q4_0 `d: f16, qs: [u8; 16]` (element j is the
+//! low nibble of `qs[j]`, element j + 16 the high one, both minus 8); Q4_1 `d, m: f16, qs: [u8; 16]`
+//! (`d q + m`); Q5_0 `d: f16, qh: u32, qs: [u8; 16]` (the fifth bit of element j is bit j of `qh`,
+//! minus 16); Q8_0 `d: f16, qs: [i8; 32]`; activations Q8_0 as Q8_0's, Q8_1 `d, s: f16, qs: [i8; 32]`
+//! with `s = d * sum(qs)`.
+//!
+//! Every loop prefetches [`PREFETCH_AHEAD`] bytes ahead, on from the end of its row into `next`
+//! (the row read next), as the float loops do.
+
+use super::PREFETCH_AHEAD;
+use std::arch::x86_64::*;
+
+/// Size of an activation block of Q8_0 / Q8_1.
+pub const Q8_0_BYTES: usize = 34;
+pub const Q8_1_BYTES: usize = 36;
+
+#[inline(always)]
+unsafe fn prefetch(row: &[u8], next: &[u8], off: usize) {
+    let off = off + PREFETCH_AHEAD;
+    if off < row.len() {
+        _mm_prefetch(row.as_ptr().add(off) as *const i8, _MM_HINT_T0);
+    } else if off - row.len() < next.len() {
+        _mm_prefetch(next.as_ptr().add(off - row.len()) as *const i8, _MM_HINT_T0);
+    }
+}
+
+/// The f16 at `p` as f32 (F16C).
+#[inline(always)]
+unsafe fn h2f(p: *const u8) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32)))
+}
+
+/// 32 nibbles of 16 bytes as 32 bytes: low nibbles first (elements 0..16), then high ones.
+#[inline(always)]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let t = _mm_loadu_si128(p as *const __m128i);
+    let b = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    _mm256_and_si256(b, _mm256_set1_epi8(0x0f))
+}
+
+/// 0xFF in byte j where bit j of the u32 at `p` is set.
+#[inline(always)]
+unsafe fn bits_to_bytes(p: *const u8) -> __m256i {
+    let x = (p as *const u32).read_unaligned();
+    let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+#[inline(always)]
+unsafe fn hsum8(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// Sums of u8 x i8 products in groups of four, as 8 i32 lanes.
+macro_rules! mul_sum_us8 {
+    (avx2, $u:expr, $s:expr) => {
+        _mm256_madd_epi16(_mm256_maddubs_epi16($u, $s), _mm256_set1_epi16(1))
+    };
+    (vnni, $u:expr, $s:expr) => {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), $u, $s)
+    };
+}
+
+/// The dot products of one path: `$kind` is `avx2` or `vnni`, `$features` its target features.
+macro_rules! dots {
+    ($kind:tt, $features:literal, $q4_0:ident, $q4_1:ident, $q5_0:ident, $q8_0:ident) => {
+        /// A Q4_0 row (`w`, whole blocks) against Q8_0 activations.
+        /// # Safety
+        /// The CPU must have the features; `a` holds at least as many blocks as `w`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $q4_0(w: &[u8], a: &[u8], next: &[u8]) -> f32 {
+            let nb = w.len() / 18;
+            let mut acc = _mm256_setzero_ps();
+            for i in 0..nb {
+                let (pw, pa) = (w.as_ptr().add(18 * i), a.as_ptr().add(Q8_0_BYTES * i));
+                if i % 4 == 0 {
+                    prefetch(w, next, 18 * i);
+                }
+                let x = _mm256_sub_epi8(nibbles(pw.add(2)), _mm256_set1_epi8(8));
+                let y = _mm256_loadu_si256(pa.add(2) as *const __m256i);
+                let s = mul_sum_us8!($kind, _mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(pw) * h2f(pa)), _mm256_cvtepi32_ps(s), acc);
+            }
+            hsum8(acc)
+        }
+
+        /// A Q4_1 row against Q8_1 activations: `sum d_w d_a (q . y) + m_w s_a`.
+        /// # Safety
+        /// As for the Q4_0 loop.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $q4_1(w: &[u8], a: &[u8], next: &[u8]) -> f32 {
+            let nb = w.len() / 20;
+            let mut acc = [_mm256_setzero_ps(); 2];
+            let mut mins = 0f32;
+            for i in 0..nb {
+                let (pw, pa) = (w.as_ptr().add(20 * i), a.as_ptr().add(Q8_1_BYTES * i));
+                if i % 4 == 0 {
+                    prefetch(w, next, 20 * i);
+                }
+                let x = nibbles(pw.add(4));
+                let y = _mm256_loadu_si256(pa.add(4) as *const __m256i);
+                let s = mul_sum_us8!($kind, x, y);
+                let k = i & 1;
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(h2f(pw) * h2f(pa)), _mm256_cvtepi32_ps(s), acc[k]);
+                mins += h2f(pw.add(2)) * h2f(pa.add(2));
+            }
+            hsum8(_mm256_add_ps(acc[0], acc[1])) + mins
+        }
+
+        /// A Q5_0 row against Q8_0 activations.
+        /// # Safety
+        /// As for the Q4_0 loop.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $q5_0(w: &[u8], a: &[u8], next: &[u8]) -> f32 {
+            let nb = w.len() / 22;
+            let mut acc = _mm256_setzero_ps();
+            for i in 0..nb {
+                let (pw, pa) = (w.as_ptr().add(22 * i), a.as_ptr().add(Q8_0_BYTES * i));
+                if i % 4 == 0 {
+                    prefetch(w, next, 22 * i);
+                }
+                // (q | h << 4) - 16 is q where the bit is set and q | 0xF0 (as i8) where it is not.
+                let hi = _mm256_andnot_si256(bits_to_bytes(pw.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+                let x = _mm256_or_si256(nibbles(pw.add(6)), hi);
+                let y = _mm256_loadu_si256(pa.add(2) as *const __m256i);
+                let s = mul_sum_us8!($kind, _mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(pw) * h2f(pa)), _mm256_cvtepi32_ps(s), acc);
+            }
+            hsum8(acc)
+        }
+
+        /// A Q8_0 row against Q8_0 activations.
+        /// # Safety
+        /// As for the Q4_0 loop.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $q8_0(w: &[u8], a: &[u8], next: &[u8]) -> f32 {
+            let nb = w.len() / 34;
+            let mut acc = [_mm256_setzero_ps(); 2];
+            for i in 0..nb {
+                let (pw, pa) = (w.as_ptr().add(34 * i), a.as_ptr().add(Q8_0_BYTES * i));
+                if i % 2 == 0 {
+                    prefetch(w, next, 34 * i);
+                }
+                let x = _mm256_loadu_si256(pw.add(2) as *const __m256i);
+                let y = _mm256_loadu_si256(pa.add(2) as *const __m256i);
+                let s = mul_sum_us8!($kind, _mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+                let k = i & 1;
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(h2f(pw) * h2f(pa)), _mm256_cvtepi32_ps(s), acc[k]);
+            }
+            hsum8(_mm256_add_ps(acc[0], acc[1]))
+        }
+    };
+}
+
+dots!(avx2, "avx2,fma,f16c", dot_q4_0, dot_q4_1, dot_q5_0, dot_q8_0);
+dots!(vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_q4_0_vnni, dot_q4_1_vnni, dot_q5_0_vnni, dot_q8_0_vnni);
+
+/// `y += a * row` for a Q8_0 row (whole blocks; `y` as long as the row).
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn axpy_q8_0(a: f32, w: &[u8], y: &mut [f32], next: &[u8]) {
+    let nb = w.len() / 34;
+    debug_assert!(y.len() >= 32 * nb);
+    let py = y.as_mut_ptr();
+    for i in 0..nb {
+        let pw = w.as_ptr().add(34 * i);
+        if i % 2 == 0 {
+            prefetch(w, next, 34 * i);
+        }
+        let s = _mm256_set1_ps(a * h2f(pw));
+        for k in 0..4 {
+            let q = _mm_loadl_epi64(pw.add(2 + 8 * k) as *const __m128i);
+            let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+            let o = py.add(32 * i + 8 * k);
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(s, v, _mm256_loadu_ps(o)));
+        }
+    }
+}
