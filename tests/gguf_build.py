@@ -47,8 +47,20 @@ def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _encode(w: np.ndarray, qtype: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(raw GGUF data, what it decodes to) for a 2-D float32 matrix."""
+# For blocks like trained weights (`realistic_k`): the super-block scale `d` that gives random
+# quants and sub-block scales a standard deviation near 0.05 (the other matrices' 0.05 normal), and
+# `dmin / d`, which centres them on zero. From the formats' value ranges: Q6_K d*sc*(q-32) with i8 sc;
+# Q4_K/Q5_K d*sc*q - dmin*m with 6-bit sc, m; Q2_K the same with 4-bit sc, m and 2-bit q; Q3_K
+# d*(sc-32)*q with signed 3-bit q.
+_K_REALISTIC = {"Q2_K": (3.6e-3, 1.5), "Q3_K": (1.2e-3, 0.0), "Q4_K": (2e-4, 7.5), "Q5_K": (1e-4, 15.5), "Q6_K": (3.7e-5, 0.0)}
+
+
+def _encode(
+    w: np.ndarray, qtype: str, rng: np.random.Generator, realistic_k: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(raw GGUF data, what it decodes to) for a 2-D float32 matrix. K-quant types (which the
+    `gguf` package cannot quantize) get random blocks: random small scales, or with `realistic_k`
+    scales that make weights of the matrices' usual size."""
     t = Q[qtype]
     if qtype == "F32":
         return w, w
@@ -56,9 +68,14 @@ def _encode(w: np.ndarray, qtype: str, rng: np.random.Generator) -> tuple[np.nda
         block, size = gguf.GGML_QUANT_SIZES[t]
         rows, cols = w.shape
         raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
-        for off in _K_SCALE_FIELDS[qtype]:
-            scale = rng.uniform(0.0005, 0.004, size=raw.shape[:2]).astype(np.float16)
-            raw[:, :, off : off + 2] = scale.view(np.uint8).reshape(*raw.shape[:2], 2)
+        if realistic_k:
+            typical, ratio = _K_REALISTIC[qtype]
+            d = rng.uniform(0.8, 1.2, size=raw.shape[:2]) * typical
+            scales = [d, d * ratio][: len(_K_SCALE_FIELDS[qtype])]
+        else:
+            scales = [rng.uniform(0.0005, 0.004, size=raw.shape[:2]) for _ in _K_SCALE_FIELDS[qtype]]
+        for off, scale in zip(_K_SCALE_FIELDS[qtype], scales, strict=True):
+            raw[:, :, off : off + 2] = scale.astype(np.float16).view(np.uint8).reshape(*raw.shape[:2], 2)
         raw = raw.reshape(rows, -1)
     else:
         raw = gguf.quants.quantize(w, t)
@@ -84,10 +101,16 @@ def _tokenizer_metadata() -> dict:
 
 
 def build_pair(
-    out: Path, qtype: str, seed: int = 0, skip_keys: tuple[str, ...] = (), overrides: dict | None = None
+    out: Path,
+    qtype: str,
+    seed: int = 0,
+    skip_keys: tuple[str, ...] = (),
+    overrides: dict | None = None,
+    realistic_k: bool = False,
 ) -> tuple[Path, Path]:
     """Writes `out/model-<qtype>.gguf` and the equivalent HF directory `out/hf-<qtype>/`; `overrides`
-    replaces the values of GGUF metadata keys (for corrupt-header tests)."""
+    replaces the values of GGUF metadata keys (for corrupt-header tests); `realistic_k` gives K-quant
+    blocks scales like trained weights' (see `_encode`)."""
     rng = np.random.default_rng(seed)
     tk = _tokenizer_metadata()
     vocab = len(tk["tokens"])
@@ -100,7 +123,7 @@ def build_pair(
 
     def matrix(hf_name: str, gguf_name: str, w: np.ndarray, heads: int | None = None):
         stored = permute(w, heads) if heads else w
-        raw, decoded = _encode(stored, qtype, rng)
+        raw, decoded = _encode(stored, qtype, rng, realistic_k)
         tensors.append((gguf_name, raw, qtype))
         hf[hf_name] = unpermute(decoded, heads) if heads else decoded
 

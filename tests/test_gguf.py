@@ -19,8 +19,9 @@ def pairs(tmp_path_factory):
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES)
 def test_gguf_equals_its_dequantized_hf_twin(pairs, qtype):
+    """dtype="float32" dequantizes every tensor at load (the quantized path: test_quantized.py)."""
     gguf_path, hf_dir = pairs[qtype]
-    a = Engine.from_pretrained(gguf_path)
+    a = Engine.from_pretrained(gguf_path, dtype="float32")
     b = Engine.from_pretrained(hf_dir)
     info = a.model_info
     assert info["architecture"] == "LlamaForCausalLM"

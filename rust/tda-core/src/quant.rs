@@ -523,3 +523,36 @@ impl QSlice<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod probe {
+    use super::*;
+    #[test]
+    fn q6k_random_bytes() {
+        let mut h = 12345u64;
+        let mut bytes = vec![0u8; 210 * 2];
+        for b in bytes.iter_mut() {
+            h ^= h << 13;
+            h ^= h >> 7;
+            h ^= h << 17;
+            *b = h as u8;
+        }
+        for blk in 0..2 {
+            // d (f16) at offset 208: a small finite value
+            let d = half::f16::from_f32(0.01).to_bits().to_le_bytes();
+            bytes[blk * 210 + 208] = d[0];
+            bytes[blk * 210 + 209] = d[1];
+        }
+        let q = QBlocks::from_bytes(QType::Q6K, &bytes);
+        let mut w = vec![0f32; 512];
+        q.slice().dequantize(0, &mut w);
+        let x: Vec<f32> = (0..512).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let mut a = QActs::new(ActsType::Q8K);
+        a.quantize(&x);
+        let exact: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let got = dot_portable(q.slice(), &a);
+        let cand = dot_candle(q.slice(), &a);
+        let l1: f64 = w.iter().map(|v| v.abs() as f64).sum();
+        eprintln!("exact {exact} portable {got} candle {cand} l1 {l1}");
+    }
+}

@@ -164,10 +164,12 @@ impl Model {
     }
 
     /// Bytes of weights one decode step reads when the FFN keeps `kept[l]` neurons of layer `l`.
+    /// (A quantized FFN decodes sparse from `Wd^T`, requantized: its kept rows are counted, not
+    /// the stored `Wd` that dense decoding reads.)
     pub fn sparse_decode_weight_bytes(&self, kept: &[usize]) -> usize {
-        let skipped: usize =
-            self.layers.iter().zip(kept).map(|(l, &k)| (l.ffn.neurons() - k) * l.ffn.bytes_per_neuron()).sum();
-        self.decode_weight_bytes() - skipped
+        let dense: usize = self.layers.iter().map(|l| l.ffn.dense_bytes()).sum();
+        let sparse: usize = self.layers.iter().zip(kept).map(|(l, &k)| k * l.ffn.bytes_per_neuron()).sum();
+        self.decode_weight_bytes() - dense + sparse
     }
 
     /// Bytes of the weight matrices the model holds, per storage type (`q4_1`, `float32`, ...;
@@ -380,10 +382,23 @@ impl Model {
             be.add(&mut st.x, &st.out, rows * d)?;
         }
         if read == Read::Last {
-            be.copy(&st.x, (rows - 1) * d, &mut st.out, d)?;
-            self.final_norm.forward(be, &st.out, 1, &mut st.xb)?;
-            self.lm_head.forward(be, &st.xb, 1, &mut st.logits)?;
-            self.soft_cap(&mut st.logits, self.cfg.vocab_size)?;
+            let v = self.cfg.vocab_size;
+            if rows > 1 && self.lm_head.weight.qtype().is_some() {
+                // A prefill's logits come from the prefill's product, as every other product of the
+                // prefill: for quantized weights, float32 math on dequantized tiles, where decode's
+                // matrix-vector product would quantize the activations. The first token is then the
+                // float model's. (Two rows, as for the pruned last layer: one row would take the GEMV.)
+                be.copy(&st.x, (rows - 2) * d, &mut st.out, 2 * d)?;
+                self.final_norm.forward(be, &st.out, 2, &mut st.xb)?;
+                let mut two = be.zeros(2 * v)?;
+                self.lm_head.forward(be, &st.xb, 2, &mut two)?;
+                be.copy(&two, v, &mut st.logits, v)?;
+            } else {
+                be.copy(&st.x, (rows - 1) * d, &mut st.out, d)?;
+                self.final_norm.forward(be, &st.out, 1, &mut st.xb)?;
+                self.lm_head.forward(be, &st.xb, 1, &mut st.logits)?;
+            }
+            self.soft_cap(&mut st.logits, v)?;
         }
         Ok(())
     }

@@ -74,6 +74,9 @@ pub struct Kernels {
     /// into the raw bytes `next`.
     dot_q: unsafe fn(QSlice<'_>, &QActs, &[u8]) -> f32,
     axpy_q: unsafe fn(f32, QSlice<'_>, &mut [f32], &[u8]),
+    /// `out[r] = row r . x` for the `out.len()` consecutive rows (of `cols` values) of a quantized
+    /// matrix, with `x` quantized for its type: several rows at a time sharing the activations.
+    gemv_q: unsafe fn(QSlice<'_>, usize, &QActs, &mut [f32]),
 }
 
 /// The weight dtypes of the kernel table, in the order of [`Kernels::paths`] (`quant`: every
@@ -93,6 +96,7 @@ const PORTABLE: Kernels = Kernels {
     sum_f32: sum_portable,
     dot_q: |w, a, _| crate::quant::dot_portable(w, a),
     axpy_q: |a, w, y, _| axpy_q_with(a, w, y, axpy_portable),
+    gemv_q: |w, cols, a, out| gemv_q_rows(w, cols, a, out, crate::quant::dot_portable),
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -109,6 +113,7 @@ const AVX2: Kernels = Kernels {
     sum_f32: x86::sum_f32,
     dot_q: |w, a, n| unsafe { dot_q_x86(w, a, n, false) },
     axpy_q: axpy_q_x86,
+    gemv_q: |w, cols, a, out| unsafe { gemv_q_x86(w, cols, a, out, false) },
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -125,6 +130,7 @@ const AVX512: Kernels = Kernels {
     sum_f32: x86::sum_f32_512,
     dot_q: |w, a, n| unsafe { dot_q_x86(w, a, n, vnni()) },
     axpy_q: axpy_q_x86,
+    gemv_q: |w, cols, a, out| unsafe { gemv_q_x86(w, cols, a, out, vnni()) },
 };
 
 /// AVX-512 with `avx512_bf16`: bf16 rows against bf16 activations with `vdpbf16ps`, no widening.
@@ -160,6 +166,36 @@ unsafe fn dot_q_x86(w: QSlice<'_>, a: &QActs, next: &[u8], vnni: bool) -> f32 {
             (QType::Q8_0, true) => qx86::dot_q8_0_vnni(wb, ab, next),
             _ => crate::quant::dot_candle(w, a),
         }
+    }
+}
+
+/// [`Kernels::gemv_q`] on the x86 paths: our multi-row loops for the 32-element formats, one row
+/// at a time through [`dot_q_x86`] for the others.
+#[cfg(target_arch = "x86_64")]
+unsafe fn gemv_q_x86(w: QSlice<'_>, cols: usize, a: &QActs, out: &mut [f32], vnni: bool) {
+    use crate::quant::QType;
+    let (wb, ab, rb) = (w.bytes(), a.bytes(), w.qtype().row_bytes(cols));
+    // SAFETY: as in `dot_q_x86`; `w` holds `out.len()` rows of `rb` bytes.
+    unsafe {
+        match (w.qtype(), vnni) {
+            (QType::Q4_0, false) => qx86::gemv_q4_0(wb, rb, ab, out),
+            (QType::Q4_0, true) => qx86::gemv_q4_0_vnni(wb, rb, ab, out),
+            (QType::Q4_1, false) => qx86::gemv_q4_1(wb, rb, ab, out),
+            (QType::Q4_1, true) => qx86::gemv_q4_1_vnni(wb, rb, ab, out),
+            (QType::Q5_0, false) => qx86::gemv_q5_0(wb, rb, ab, out),
+            (QType::Q5_0, true) => qx86::gemv_q5_0_vnni(wb, rb, ab, out),
+            (QType::Q8_0, false) => qx86::gemv_q8_0(wb, rb, ab, out),
+            (QType::Q8_0, true) => qx86::gemv_q8_0_vnni(wb, rb, ab, out),
+            _ => gemv_q_rows(w, cols, a, out, |r, a| dot_q_x86(r, a, &[], vnni)),
+        }
+    }
+}
+
+/// `out[r] = dot(row r, a)` one row at a time.
+fn gemv_q_rows(w: QSlice<'_>, cols: usize, a: &QActs, out: &mut [f32], dot: impl Fn(QSlice<'_>, &QActs) -> f32) {
+    let bpr = cols / w.qtype().block();
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = dot(w.blocks(r * bpr..(r + 1) * bpr), a);
     }
 }
 
@@ -294,6 +330,7 @@ fn combine(paths: [&'static str; 4]) -> Kernels {
         axpy_f16: t[2].axpy_f16,
         dot_q: t[3].dot_q,
         axpy_q: t[3].axpy_q,
+        gemv_q: t[3].gemv_q,
     }
 }
 
@@ -572,8 +609,30 @@ pub fn row_to_f32(w: WeightSlice<'_>, r: usize, cols: usize, out: &mut [f32]) {
         WeightSlice::F32(v) => out.copy_from_slice(&v[span]),
         WeightSlice::BF16(v) => v[span].convert_to_f32_slice(out),
         WeightSlice::F16(v) => v[span].convert_to_f32_slice(out),
-        WeightSlice::Q(q) => q.dequantize(span.start, out),
+        WeightSlice::Q(q) => dequantize(q, span.start, out),
     }
+}
+
+/// Elements `start..start + out.len()` (whole blocks) of quantized blocks as f32: our AVX2 loop for
+/// the 32-element formats where the CPU has it, candle's (ggml's reference) otherwise.
+pub fn dequantize(q: QSlice<'_>, start: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        use crate::quant::QType;
+        let b = q.qtype().block();
+        let w = q.blocks(start / b..(start + out.len()) / b).bytes();
+        // SAFETY: the CPU has the features; `out` holds 32 values per block.
+        unsafe {
+            match q.qtype() {
+                QType::Q4_0 => return qx86::dequant_q4_0(w, out),
+                QType::Q4_1 => return qx86::dequant_q4_1(w, out),
+                QType::Q5_0 => return qx86::dequant_q5_0(w, out),
+                QType::Q8_0 => return qx86::dequant_q8_0(w, out),
+                _ => {}
+            }
+        }
+    }
+    q.dequantize(start, out)
 }
 
 /// How far ahead of their loads the SIMD loops prefetch, in bytes. The hardware prefetcher alone
@@ -604,7 +663,16 @@ pub fn gemv(w: WeightSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
 /// parallel dispatch: one fork-join per token instead of one per matrix.
 pub fn gemv_many(cols: usize, x: &[f32], parts: &mut [(WeightSlice<'_>, &mut [f32])]) {
     let k = kernels();
-    parts.par_iter_mut().for_each(|(w, out)| gemv_with(k, *w, cols, x, out));
+    // The activations are rounded (bf16) or quantized once for all the parts (up to four; no
+    // allocation per token).
+    if parts.len() > 4 {
+        return parts.par_iter_mut().for_each(|(w, out)| gemv_with(k, *w, cols, x, out));
+    }
+    let mut ws = [WeightSlice::F32(&[]); 4];
+    for (s, (w, _)) in ws.iter_mut().zip(parts.iter()) {
+        *s = *w;
+    }
+    with_acts(k, &ws, &x[..cols], |x| parts.par_iter_mut().for_each(|(w, out)| gemv_acts(k, *w, cols, x, out)));
 }
 
 /// [`gemv`] on a given path.
@@ -615,6 +683,19 @@ pub fn gemv_with(k: &Kernels, w: WeightSlice<'_>, cols: usize, x: &[f32], out: &
 
 fn gemv_acts(k: &Kernels, w: WeightSlice<'_>, cols: usize, x: &Acts<'_>, out: &mut [f32]) {
     let rows = out.len();
+    if let WeightSlice::Q(q) = w {
+        let (bpr, acts) = (cols / q.qtype().block(), x.q[q.qtype().acts().index()].expect("quantized activations"));
+        // SAFETY: as in `Kernels::dot`; each chunk's rows lie inside the matrix.
+        let run = |r0: usize, out: &mut [f32]| unsafe {
+            (k.gemv_q)(q.blocks(r0 * bpr..(r0 + out.len()) * bpr), cols, acts, out)
+        };
+        if rows * cols < 2 * MIN_PARALLEL_WORK {
+            return run(0, out);
+        }
+        let rows_per_task = (MIN_PARALLEL_WORK / cols.max(1)).clamp(4, rows.div_ceil(rayon::current_num_threads()));
+        out.par_chunks_mut(rows_per_task).enumerate().for_each(|(c, chunk)| run(c * rows_per_task, chunk));
+        return;
+    }
     let row_dot = |r: usize| k.row_dot_acts(w, r, cols, x, r + 1..rows);
     if rows * cols < 2 * MIN_PARALLEL_WORK {
         for (r, o) in out.iter_mut().enumerate() {
@@ -702,6 +783,9 @@ fn ffn_decode_acts(
     // stream poorly this way; the model decodes those from a compact copy, `model::ffn::KeptRows`.)
     let work = |range: std::ops::Range<usize>, acc: &mut [f32]| {
         acc.fill(0.0);
+        if let (None, WeightSlice::Q(gq), WeightSlice::Q(uq)) = (kept, w.gate, w.up) {
+            return ffn_rows_q(k, (gq, uq, w.down_t), (w.gate_bias, w.up_bias), d, range, x, &act, acc);
+        }
         let end = range.end;
         for i in range {
             let j = neuron(i);
@@ -729,6 +813,44 @@ fn ffn_decode_acts(
     for acc in partials[..chunks * d].chunks(d) {
         for (o, p) in out[..d].iter_mut().zip(acc) {
             *o += p;
+        }
+    }
+}
+
+/// Quantized gate and up rows `range` (consecutive: every neuron, or a compact copy of the kept
+/// ones) into `acc += sum_j act(g_j) u_j down_t_j`: the gate and up products as multi-row
+/// matrix-vector products over groups of neurons (sharing each activation block's loads), then
+/// one `axpy` per neuron.
+#[allow(clippy::too_many_arguments)]
+fn ffn_rows_q(
+    k: &Kernels,
+    (gq, uq, down_t): (QSlice<'_>, QSlice<'_>, WeightSlice<'_>),
+    (gb, ub): (Option<&[f32]>, Option<&[f32]>),
+    d: usize,
+    range: Range<usize>,
+    x: &Acts<'_>,
+    act: &(impl Fn(f32) -> f32 + Sync),
+    acc: &mut [f32],
+) {
+    const GROUP: usize = 64;
+    let (gbpr, ubpr) = (d / gq.qtype().block(), d / uq.qtype().block());
+    let (ga, ua) = (x.q[gq.qtype().acts().index()], x.q[uq.qtype().acts().index()]);
+    let (ga, ua) = (ga.expect("quantized activations"), ua.expect("quantized activations"));
+    let (mut g, mut u) = ([0f32; GROUP], [0f32; GROUP]);
+    for j0 in range.clone().step_by(GROUP) {
+        let j1 = (j0 + GROUP).min(range.end);
+        let (g, u) = (&mut g[..j1 - j0], &mut u[..j1 - j0]);
+        // SAFETY: as in `Kernels::dot`; the rows lie inside the matrices, the activations were
+        // quantized for their types.
+        unsafe {
+            (k.gemv_q)(gq.blocks(j0 * gbpr..j1 * gbpr), d, ga, g);
+            (k.gemv_q)(uq.blocks(j0 * ubpr..j1 * ubpr), d, ua, u);
+        }
+        for (i, j) in (j0..j1).enumerate() {
+            let gj = g[i] + gb.map_or(0.0, |b| b[j]);
+            let uj = u[i] + ub.map_or(0.0, |b| b[j]);
+            let next = if j + 1 < range.end { j + 1..j + 2 } else { 0..0 };
+            k.row_axpy(down_t, j, d, act(gj) * uj, acc, next);
         }
     }
 }
@@ -956,6 +1078,10 @@ mod tests {
                     let blocks = QBlocks::quantize(q, &wf, rows, cols).unwrap();
                     let mut deq = vec![0f32; rows * cols];
                     blocks.slice().dequantize(0, &mut deq);
+                    // Our SIMD dequantization equals ggml's reference loop (candle's) exactly.
+                    let mut fast = vec![f32::NAN; rows * cols];
+                    dequantize(blocks.slice(), 0, &mut fast);
+                    assert_eq!(fast, deq, "{} dequantize", q.name());
                     let mut out = vec![f32::NAN; rows];
                     gemv_with(k, WeightSlice::Q(blocks.slice()), cols, &x, &mut out);
                     let mut acts = QActs::new(q.acts());

@@ -73,99 +73,103 @@ macro_rules! mul_sum_us8 {
     };
 }
 
-/// The dot products of one path: `$kind` is `avx2` or `vnni`, `$features` its target features.
-macro_rules! dots {
-    ($kind:tt, $features:literal, $q4_0:ident, $q4_1:ident, $q5_0:ident, $q8_0:ident) => {
-        /// A Q4_0 row (`w`, whole blocks) against Q8_0 activations.
-        /// # Safety
-        /// The CPU must have the features; `a` holds at least as many blocks as `w`.
-        #[target_feature(enable = $features)]
-        pub unsafe fn $q4_0(w: &[u8], a: &[u8], next: &[u8]) -> f32 {
-            let nb = w.len() / 18;
-            let mut acc = _mm256_setzero_ps();
-            for i in 0..nb {
-                let (pw, pa) = (w.as_ptr().add(18 * i), a.as_ptr().add(Q8_0_BYTES * i));
-                if i % 4 == 0 {
-                    prefetch(w, next, 18 * i);
-                }
-                let x = _mm256_sub_epi8(nibbles(pw.add(2)), _mm256_set1_epi8(8));
-                let y = _mm256_loadu_si256(pa.add(2) as *const __m256i);
-                let s = mul_sum_us8!($kind, _mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(pw) * h2f(pa)), _mm256_cvtepi32_ps(s), acc);
-            }
-            hsum8(acc)
-        }
+/// One block's product of a weight block at `pw` and an activation block at `pa`, as
+/// `(scale, integer sums, extra)`: the block's dot product is `scale * sum(sums) + extra`.
+/// Signed weights use the sign trick (`|x|` times `y` with `x`'s sign) for the u8 x i8 product.
+macro_rules! block {
+    (q4_0, $kind:tt, $pw:expr, $pa:expr) => {{
+        let x = _mm256_sub_epi8(nibbles($pw.add(2)), _mm256_set1_epi8(8));
+        let y = _mm256_loadu_si256($pa.add(2) as *const __m256i);
+        (h2f($pw) * h2f($pa), mul_sum_us8!($kind, _mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)), 0f32)
+    }};
+    (q4_1, $kind:tt, $pw:expr, $pa:expr) => {{
+        let y = _mm256_loadu_si256($pa.add(4) as *const __m256i);
+        (h2f($pw) * h2f($pa), mul_sum_us8!($kind, nibbles($pw.add(4)), y), h2f($pw.add(2)) * h2f($pa.add(2)))
+    }};
+    (q5_0, $kind:tt, $pw:expr, $pa:expr) => {{
+        // (q | h << 4) - 16 is q where the bit is set and q | 0xF0 (as i8) where it is not.
+        let hi = _mm256_andnot_si256(bits_to_bytes($pw.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+        let x = _mm256_or_si256(nibbles($pw.add(6)), hi);
+        let y = _mm256_loadu_si256($pa.add(2) as *const __m256i);
+        (h2f($pw) * h2f($pa), mul_sum_us8!($kind, _mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)), 0f32)
+    }};
+    (q8_0, $kind:tt, $pw:expr, $pa:expr) => {{
+        let x = _mm256_loadu_si256($pw.add(2) as *const __m256i);
+        let y = _mm256_loadu_si256($pa.add(2) as *const __m256i);
+        (h2f($pw) * h2f($pa), mul_sum_us8!($kind, _mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)), 0f32)
+    }};
+}
 
-        /// A Q4_1 row against Q8_1 activations: `sum d_w d_a (q . y) + m_w s_a`.
-        /// # Safety
-        /// As for the Q4_0 loop.
-        #[target_feature(enable = $features)]
-        pub unsafe fn $q4_1(w: &[u8], a: &[u8], next: &[u8]) -> f32 {
-            let nb = w.len() / 20;
-            let mut acc = [_mm256_setzero_ps(); 2];
-            let mut mins = 0f32;
-            for i in 0..nb {
-                let (pw, pa) = (w.as_ptr().add(20 * i), a.as_ptr().add(Q8_1_BYTES * i));
-                if i % 4 == 0 {
-                    prefetch(w, next, 20 * i);
-                }
-                let x = nibbles(pw.add(4));
-                let y = _mm256_loadu_si256(pa.add(4) as *const __m256i);
-                let s = mul_sum_us8!($kind, x, y);
-                let k = i & 1;
-                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(h2f(pw) * h2f(pa)), _mm256_cvtepi32_ps(s), acc[k]);
-                mins += h2f(pw.add(2)) * h2f(pa.add(2));
-            }
-            hsum8(_mm256_add_ps(acc[0], acc[1])) + mins
-        }
+/// Rows of a matrix-vector product computed together, sharing each activation block's loads.
+const ROWS: usize = 4;
 
-        /// A Q5_0 row against Q8_0 activations.
+/// The loops of one block type on one path: `$dot`, one row against the activations (prefetching
+/// on into `next`), and `$gemv`, consecutive rows of `row_bytes` each, [`ROWS`] at a time.
+macro_rules! loops {
+    ($t:tt, $kind:tt, $features:literal, $wb:expr, $ab:expr, $dot:ident, $gemv:ident) => {
+        /// One row (`w`, whole blocks) against activations `a` (at least as many blocks).
         /// # Safety
-        /// As for the Q4_0 loop.
+        /// The CPU must have the features.
         #[target_feature(enable = $features)]
-        pub unsafe fn $q5_0(w: &[u8], a: &[u8], next: &[u8]) -> f32 {
-            let nb = w.len() / 22;
-            let mut acc = _mm256_setzero_ps();
+        pub unsafe fn $dot(w: &[u8], a: &[u8], next: &[u8]) -> f32 {
+            let nb = w.len() / $wb;
+            let (mut acc, mut extra) = ([_mm256_setzero_ps(); 2], 0f32);
             for i in 0..nb {
-                let (pw, pa) = (w.as_ptr().add(22 * i), a.as_ptr().add(Q8_0_BYTES * i));
-                if i % 4 == 0 {
-                    prefetch(w, next, 22 * i);
-                }
-                // (q | h << 4) - 16 is q where the bit is set and q | 0xF0 (as i8) where it is not.
-                let hi = _mm256_andnot_si256(bits_to_bytes(pw.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
-                let x = _mm256_or_si256(nibbles(pw.add(6)), hi);
-                let y = _mm256_loadu_si256(pa.add(2) as *const __m256i);
-                let s = mul_sum_us8!($kind, _mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(pw) * h2f(pa)), _mm256_cvtepi32_ps(s), acc);
-            }
-            hsum8(acc)
-        }
-
-        /// A Q8_0 row against Q8_0 activations.
-        /// # Safety
-        /// As for the Q4_0 loop.
-        #[target_feature(enable = $features)]
-        pub unsafe fn $q8_0(w: &[u8], a: &[u8], next: &[u8]) -> f32 {
-            let nb = w.len() / 34;
-            let mut acc = [_mm256_setzero_ps(); 2];
-            for i in 0..nb {
-                let (pw, pa) = (w.as_ptr().add(34 * i), a.as_ptr().add(Q8_0_BYTES * i));
+                let (pw, pa) = (w.as_ptr().add($wb * i), a.as_ptr().add($ab * i));
                 if i % 2 == 0 {
-                    prefetch(w, next, 34 * i);
+                    prefetch(w, next, $wb * i);
                 }
-                let x = _mm256_loadu_si256(pw.add(2) as *const __m256i);
-                let y = _mm256_loadu_si256(pa.add(2) as *const __m256i);
-                let s = mul_sum_us8!($kind, _mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
-                let k = i & 1;
-                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(h2f(pw) * h2f(pa)), _mm256_cvtepi32_ps(s), acc[k]);
+                let (scale, sums, e) = block!($t, $kind, pw, pa);
+                acc[i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sums), acc[i & 1]);
+                extra += e;
             }
-            hsum8(_mm256_add_ps(acc[0], acc[1]))
+            hsum8(_mm256_add_ps(acc[0], acc[1])) + extra
+        }
+
+        /// `out[r] = row r . a` for the `out.len()` consecutive rows of `w`, `row_bytes` each.
+        /// # Safety
+        /// The CPU must have the features; `w` holds the rows, `a` a row's worth of blocks.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $gemv(w: &[u8], row_bytes: usize, a: &[u8], out: &mut [f32]) {
+            let (nb, rows) = (row_bytes / $wb, out.len());
+            debug_assert!(w.len() >= rows * row_bytes && a.len() >= nb * $ab);
+            let mut r = 0;
+            while r + ROWS <= rows {
+                let base = w.as_ptr().add(r * row_bytes);
+                let (mut acc, mut extra) = ([_mm256_setzero_ps(); ROWS], [0f32; ROWS]);
+                for i in 0..nb {
+                    let pa = a.as_ptr().add($ab * i);
+                    for k in 0..ROWS {
+                        let pw = base.add(k * row_bytes + $wb * i);
+                        if i % 2 == 0 {
+                            _mm_prefetch(pw.add(PREFETCH_AHEAD) as *const i8, _MM_HINT_T0);
+                        }
+                        let (scale, sums, e) = block!($t, $kind, pw, pa);
+                        acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sums), acc[k]);
+                        extra[k] += e;
+                    }
+                }
+                for k in 0..ROWS {
+                    out[r + k] = hsum8(acc[k]) + extra[k];
+                }
+                r += ROWS;
+            }
+            for (k, o) in out[r..].iter_mut().enumerate() {
+                let row = &w[(r + k) * row_bytes..(r + k + 1) * row_bytes];
+                *o = $dot(row, a, &[]);
+            }
         }
     };
 }
 
-dots!(avx2, "avx2,fma,f16c", dot_q4_0, dot_q4_1, dot_q5_0, dot_q8_0);
-dots!(vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_q4_0_vnni, dot_q4_1_vnni, dot_q5_0_vnni, dot_q8_0_vnni);
+loops!(q4_0, avx2, "avx2,fma,f16c", 18, Q8_0_BYTES, dot_q4_0, gemv_q4_0);
+loops!(q4_1, avx2, "avx2,fma,f16c", 20, Q8_1_BYTES, dot_q4_1, gemv_q4_1);
+loops!(q5_0, avx2, "avx2,fma,f16c", 22, Q8_0_BYTES, dot_q5_0, gemv_q5_0);
+loops!(q8_0, avx2, "avx2,fma,f16c", 34, Q8_0_BYTES, dot_q8_0, gemv_q8_0);
+loops!(q4_0, vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 18, Q8_0_BYTES, dot_q4_0_vnni, gemv_q4_0_vnni);
+loops!(q4_1, vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 20, Q8_1_BYTES, dot_q4_1_vnni, gemv_q4_1_vnni);
+loops!(q5_0, vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 22, Q8_0_BYTES, dot_q5_0_vnni, gemv_q5_0_vnni);
+loops!(q8_0, vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", 34, Q8_0_BYTES, dot_q8_0_vnni, gemv_q8_0_vnni);
 
 /// `y += a * row` for a Q8_0 row (whole blocks; `y` as long as the row).
 /// # Safety
@@ -189,3 +193,39 @@ pub unsafe fn axpy_q8_0(a: f32, w: &[u8], y: &mut [f32], next: &[u8]) {
         }
     }
 }
+
+/// Dequantizes whole blocks of one of the 32-element formats (`q4_0`, `q4_1`, `q5_0`, `q8_0`) into
+/// `out` (32 values a block): the prefill's products widen their weights with it.
+macro_rules! dequant {
+    ($name:ident, $wb:expr, |$pw:ident| $values:expr) => {
+        /// # Safety
+        /// The CPU must have AVX2, FMA and F16C; `out` holds 32 values per block of `w`.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $name(w: &[u8], out: &mut [f32]) {
+            let nb = w.len() / $wb;
+            debug_assert!(out.len() >= 32 * nb);
+            let po = out.as_mut_ptr();
+            for i in 0..nb {
+                let $pw = w.as_ptr().add($wb * i);
+                // 32 signed or unsigned bytes, their scale and offset.
+                let (bytes, d, m): (__m256i, f32, f32) = $values;
+                let (vd, vm) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
+                let lo = _mm256_castsi256_si128(bytes);
+                let hi = _mm256_extracti128_si256(bytes, 1);
+                for (k, h) in [lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)].into_iter().enumerate() {
+                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h));
+                    // d * q + m rounded twice, as the reference loop does: the same floats bit for bit.
+                    _mm256_storeu_ps(po.add(32 * i + 8 * k), _mm256_add_ps(_mm256_mul_ps(vd, v), vm));
+                }
+            }
+        }
+    };
+}
+
+dequant!(dequant_q4_0, 18, |pw| (_mm256_sub_epi8(nibbles(pw.add(2)), _mm256_set1_epi8(8)), h2f(pw), 0.0));
+dequant!(dequant_q4_1, 20, |pw| (nibbles(pw.add(4)), h2f(pw), h2f(pw.add(2))));
+dequant!(dequant_q5_0, 22, |pw| {
+    let hi = _mm256_andnot_si256(bits_to_bytes(pw.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+    (_mm256_or_si256(nibbles(pw.add(6)), hi), h2f(pw), 0.0)
+});
+dequant!(dequant_q8_0, 34, |pw| (_mm256_loadu_si256(pw.add(2) as *const __m256i), h2f(pw), 0.0));
