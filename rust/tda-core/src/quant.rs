@@ -419,7 +419,23 @@ impl QActs {
         }
     }
 
-    /// Quantizes `x` (whole blocks) into this buffer, which only grows.
+    /// Room for `n` blocks (the buffer only grows), as raw bytes to write blocks into.
+    pub fn blocks_mut(&mut self, n: usize) -> &mut [u8] {
+        fn raw<T: GgmlType>(v: &mut Vec<T>, n: usize) -> &mut [u8] {
+            if v.len() < n {
+                *v = zeroed_blocks(n);
+            }
+            // SAFETY: plain `repr(C)` data; every bit pattern is a valid block.
+            unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>()) }
+        }
+        match self {
+            QActs::Q8_0(v) => raw(v, n),
+            QActs::Q8_1(v) => raw(v, n),
+            QActs::Q8K(v) => raw(v, n),
+        }
+    }
+
+    /// Quantizes `x` (whole blocks) into this buffer, which only grows (ggml's reference loop).
     pub fn quantize(&mut self, x: &[f32]) {
         fn q<T: GgmlType>(v: &mut Vec<T>, x: &[f32]) {
             let n = x.len() / T::BLCK_SIZE;
@@ -521,38 +537,5 @@ impl QSlice<'_> {
             }
             done += take;
         }
-    }
-}
-
-#[cfg(test)]
-mod probe {
-    use super::*;
-    #[test]
-    fn q6k_random_bytes() {
-        let mut h = 12345u64;
-        let mut bytes = vec![0u8; 210 * 2];
-        for b in bytes.iter_mut() {
-            h ^= h << 13;
-            h ^= h >> 7;
-            h ^= h << 17;
-            *b = h as u8;
-        }
-        for blk in 0..2 {
-            // d (f16) at offset 208: a small finite value
-            let d = half::f16::from_f32(0.01).to_bits().to_le_bytes();
-            bytes[blk * 210 + 208] = d[0];
-            bytes[blk * 210 + 209] = d[1];
-        }
-        let q = QBlocks::from_bytes(QType::Q6K, &bytes);
-        let mut w = vec![0f32; 512];
-        q.slice().dequantize(0, &mut w);
-        let x: Vec<f32> = (0..512).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
-        let mut a = QActs::new(ActsType::Q8K);
-        a.quantize(&x);
-        let exact: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
-        let got = dot_portable(q.slice(), &a);
-        let cand = dot_candle(q.slice(), &a);
-        let l1: f64 = w.iter().map(|v| v.abs() as f64).sum();
-        eprintln!("exact {exact} portable {got} candle {cand} l1 {l1}");
     }
 }

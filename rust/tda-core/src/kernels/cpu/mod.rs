@@ -495,6 +495,20 @@ thread_local! {
     static QACTS: std::cell::RefCell<[QActs; 3]> = std::cell::RefCell::new(ActsType::ALL.map(QActs::new));
 }
 
+/// Quantizes `x` into `b`: our AVX2 loop for Q8_0 and Q8_1 on the x86 paths, ggml's reference
+/// loop (candle's) otherwise.
+fn quantize_acts(k: &Kernels, b: &mut QActs, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if k.paths[3] != "portable" && matches!(b.kind(), ActsType::Q8_0 | ActsType::Q8_1) {
+        let with_sum = b.kind() == ActsType::Q8_1;
+        // SAFETY: a non-portable table exists only on CPUs with AVX2, FMA and F16C; the buffer
+        // holds a block per 32 values.
+        return unsafe { qx86::quantize_q8(x, b.blocks_mut(x.len() / 32), with_sum) };
+    }
+    let _ = k;
+    b.quantize(x)
+}
+
 /// Runs `f` on `x` as [`Acts`] for the weights `ws` on table `k`.
 #[inline]
 pub fn with_acts<R>(k: &Kernels, ws: &[WeightSlice<'_>], x: &[f32], f: impl FnOnce(&Acts<'_>) -> R) -> R {
@@ -511,7 +525,7 @@ pub fn with_acts<R>(k: &Kernels, ws: &[WeightSlice<'_>], x: &[f32], f: impl FnOn
         }
         let run = |bufs: &mut [QActs; 3]| {
             for (b, _) in bufs.iter_mut().zip(need).filter(|(_, n)| *n) {
-                b.quantize(x);
+                quantize_acts(k, b, x);
             }
             let q = [0, 1, 2].map(|i| need[i].then_some(&bufs[i]));
             f(&Acts { f32: x, bf16: xb, q })
@@ -1086,6 +1100,10 @@ mod tests {
                     gemv_with(k, WeightSlice::Q(blocks.slice()), cols, &x, &mut out);
                     let mut acts = QActs::new(q.acts());
                     acts.quantize(&x);
+                    // The path's own quantizer gives the reference's blocks (ties aside: none here).
+                    let mut fast = QActs::new(q.acts());
+                    quantize_acts(k, &mut fast, &x);
+                    assert_eq!(fast.bytes(), acts.bytes(), "{} {} activations", k.name, q.name());
                     let bpr = cols / b;
                     for r in 0..rows {
                         let wr = &deq[r * cols..(r + 1) * cols];

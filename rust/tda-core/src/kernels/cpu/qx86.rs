@@ -229,3 +229,46 @@ dequant!(dequant_q5_0, 22, |pw| {
     (_mm256_or_si256(nibbles(pw.add(6)), hi), h2f(pw), 0.0)
 });
 dequant!(dequant_q8_0, 34, |pw| (_mm256_loadu_si256(pw.add(2) as *const __m256i), h2f(pw), 0.0));
+
+/// Quantizes `x` (whole blocks of 32) to Q8_0 blocks (`with_sum` false: `d: f16, qs: [i8; 32]`) or
+/// Q8_1 blocks (`d, s: f16, qs`, with `s = d * sum(qs)` rounded as ggml's reference does) in `out`:
+/// `d = max|x| / 127`, `q = round(x / d)` (to nearest even on ties; the reference rounds them away
+/// from zero).
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `out` holds a block per 32 values of `x`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8(x: &[f32], out: &mut [u8], with_sum: bool) {
+    let (bb, qoff) = if with_sum { (Q8_1_BYTES, 4) } else { (Q8_0_BYTES, 2) };
+    let nb = x.len() / 32;
+    debug_assert!(out.len() >= nb * bb);
+    let sign = _mm256_set1_ps(-0.0);
+    let to_f16 = |v: f32| _mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT), 0) as u16;
+    let from_f16 = |h: u16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)));
+    for i in 0..nb {
+        let p = x.as_ptr().add(32 * i);
+        let v = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
+        let m = v.iter().fold(_mm256_setzero_ps(), |m, v| _mm256_max_ps(m, _mm256_andnot_ps(sign, *v)));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let q = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, id)));
+        // i32 -> i16 -> i8 packs interleave 128-bit lanes; the permutation restores the order.
+        let q16 = [_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])];
+        let q8 =
+            _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16[0], q16[1]), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let po = out.as_mut_ptr().add(bb * i);
+        _mm256_storeu_si256(po.add(qoff) as *mut __m256i, q8);
+        let dh = to_f16(d);
+        (po as *mut u16).write_unaligned(dh);
+        if with_sum {
+            let s = q.iter().fold(_mm256_setzero_si256(), |a, q| _mm256_add_epi32(a, *q));
+            let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+            let s = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)));
+            // As the reference: f16(sum) times f16(d), rounded to f16.
+            (po.add(2) as *mut u16).write_unaligned(to_f16(from_f16(to_f16(s as f32)) * from_f16(dh)));
+        }
+    }
+}
