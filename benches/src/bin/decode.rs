@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p tda-bench --bin decode -- (--preset smollm2-135m [--layers N] | --model PATH)
-//!     [--dtype f32,bf16,f16] [--sparsity dense,tda:0.7,tda:0.5,tda:0.3,griffin:0.5]
+//!     [--dtype f32,bf16,f16,q4_0,q8_0,q4_k,auto] [--sparsity dense,tda:0.7,tda:0.5,tda:0.3,griffin:0.5]
 //!     [--prompt-tokens 128] [--new-tokens 64] [--repeat 3] [--roofline-mib 1024]
 //!     [--device cpu|cuda|cuda:N] [--json PATH]
 //! ```
@@ -47,7 +47,8 @@ struct Args {
     json: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: decode (--preset NAME [--layers N] | --model PATH) [--dtype f32,bf16,f16] \
+const USAGE: &str =
+    "usage: decode (--preset NAME [--layers N] | --model PATH) [--dtype f32,bf16,f16,q4_0,q8_0,q4_k,auto] \
      [--sparsity dense,tda:0.5,griffin:0.5] [--prompt-tokens N] [--new-tokens N] [--repeat N] \
      [--roofline-mib N] [--device cpu|cuda[:N]] [--json PATH]";
 
