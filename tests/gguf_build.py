@@ -52,7 +52,13 @@ def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 # `dmin / d`, which centres them on zero. From the formats' value ranges: Q6_K d*sc*(q-32) with i8 sc;
 # Q4_K/Q5_K d*sc*q - dmin*m with 6-bit sc, m; Q2_K the same with 4-bit sc, m and 2-bit q; Q3_K
 # d*(sc-32)*q with signed 3-bit q.
-_K_REALISTIC = {"Q2_K": (3.6e-3, 1.5), "Q3_K": (1.2e-3, 0.0), "Q4_K": (2e-4, 7.5), "Q5_K": (1e-4, 15.5), "Q6_K": (3.7e-5, 0.0)}
+_K_REALISTIC = {
+    "Q2_K": (3.6e-3, 1.5),
+    "Q3_K": (1.2e-3, 0.0),
+    "Q4_K": (2e-4, 7.5),
+    "Q5_K": (1e-4, 15.5),
+    "Q6_K": (3.7e-5, 0.0),
+}
 
 
 def _encode(

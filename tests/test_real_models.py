@@ -137,7 +137,9 @@ def test_quantized_weights_are_kept_as_stored(real_quantized):
 def test_quantized_greedy_continuation_against_the_float_golden(real_quantized):
     name, eng, flt = real_quantized
     js, _ = _golden(name)
-    out = eng.generate(js["prompt_ids"], max_new_tokens=len(js["greedy"]), temperature=0, ignore_eos=True, logprobs=True)
+    out = eng.generate(
+        js["prompt_ids"], max_new_tokens=len(js["greedy"]), temperature=0, ignore_eos=True, logprobs=True
+    )
     assert out.token_ids[:QUANT_PREFIX] == js["greedy"][:QUANT_PREFIX]
     want = flt.score(js["prompt_ids"] + out.token_ids, len(js["prompt_ids"]))
     d = np.abs(np.asarray(out.logprobs) - want)

@@ -33,7 +33,22 @@ EXIT_OK = 0
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-DTYPES = ("auto", "float32", "bfloat16", "float16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+DTYPES = (
+    "auto",
+    "float32",
+    "bfloat16",
+    "float16",
+    "q8_0",
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q2_k",
+    "q3_k",
+    "q4_k",
+    "q5_k",
+    "q6_k",
+)
 
 
 class CliError(Exception):
@@ -495,7 +510,10 @@ def _print_stats(engine, result, args: argparse.Namespace) -> None:
             ("hidden size", info.get("hidden_size")),
             ("vocab size", info.get("vocab_size")),
             ("dtype", info.get("dtype", args.dtype)),
-            ("weights", ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted((info.get("weight_types") or {}).items()))),
+            (
+                "weights",
+                ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted((info.get("weight_types") or {}).items())),
+            ),
             ("device", info.get("device", args.device)),
             ("load time", f"{getattr(args, '_load_s', 0.0):.3f} s"),
             ("prefill", f"{u.prompt_tokens} tokens in {t.prefill_s:.4f} s ({prefill_tps:.1f} tokens/s)"),
