@@ -180,6 +180,25 @@ macro_rules! with_blocks {
     };
 }
 
+/// The [`QBlocks`] variant of type `$q` holding `$make`, an expression generic in the block type
+/// (inferred from the variant).
+macro_rules! of_type {
+    ($q:expr, $make:expr) => {
+        match $q {
+            QType::Q4_0 => QBlocks::Q4_0($make),
+            QType::Q4_1 => QBlocks::Q4_1($make),
+            QType::Q5_0 => QBlocks::Q5_0($make),
+            QType::Q5_1 => QBlocks::Q5_1($make),
+            QType::Q8_0 => QBlocks::Q8_0($make),
+            QType::Q2K => QBlocks::Q2K($make),
+            QType::Q3K => QBlocks::Q3K($make),
+            QType::Q4K => QBlocks::Q4K($make),
+            QType::Q5K => QBlocks::Q5K($make),
+            QType::Q6K => QBlocks::Q6K($make),
+        }
+    };
+}
+
 /// The blocks of a quantized matrix, owned (in memory advised for huge pages).
 pub enum QBlocks {
     Q4_0(Vec<BlockQ4_0>),
@@ -242,34 +261,12 @@ impl QBlocks {
 
     /// The blocks of a matrix of type `q` from its raw bytes (GGUF's layout).
     pub fn from_bytes(q: QType, bytes: &[u8]) -> QBlocks {
-        match q {
-            QType::Q4_0 => QBlocks::Q4_0(blocks_from_bytes(bytes)),
-            QType::Q4_1 => QBlocks::Q4_1(blocks_from_bytes(bytes)),
-            QType::Q5_0 => QBlocks::Q5_0(blocks_from_bytes(bytes)),
-            QType::Q5_1 => QBlocks::Q5_1(blocks_from_bytes(bytes)),
-            QType::Q8_0 => QBlocks::Q8_0(blocks_from_bytes(bytes)),
-            QType::Q2K => QBlocks::Q2K(blocks_from_bytes(bytes)),
-            QType::Q3K => QBlocks::Q3K(blocks_from_bytes(bytes)),
-            QType::Q4K => QBlocks::Q4K(blocks_from_bytes(bytes)),
-            QType::Q5K => QBlocks::Q5K(blocks_from_bytes(bytes)),
-            QType::Q6K => QBlocks::Q6K(blocks_from_bytes(bytes)),
-        }
+        of_type!(q, blocks_from_bytes(bytes))
     }
 
     /// `len` zero blocks of type `q`.
     pub fn zeros(q: QType, len: usize) -> QBlocks {
-        match q {
-            QType::Q4_0 => QBlocks::Q4_0(zeroed_blocks(len)),
-            QType::Q4_1 => QBlocks::Q4_1(zeroed_blocks(len)),
-            QType::Q5_0 => QBlocks::Q5_0(zeroed_blocks(len)),
-            QType::Q5_1 => QBlocks::Q5_1(zeroed_blocks(len)),
-            QType::Q8_0 => QBlocks::Q8_0(zeroed_blocks(len)),
-            QType::Q2K => QBlocks::Q2K(zeroed_blocks(len)),
-            QType::Q3K => QBlocks::Q3K(zeroed_blocks(len)),
-            QType::Q4K => QBlocks::Q4K(zeroed_blocks(len)),
-            QType::Q5K => QBlocks::Q5K(zeroed_blocks(len)),
-            QType::Q6K => QBlocks::Q6K(zeroed_blocks(len)),
-        }
+        of_type!(q, zeroed_blocks(len))
     }
 
     /// Quantizes a row-major `rows x cols` f32 matrix to `q` (ggml's reference quantizer), rows in
