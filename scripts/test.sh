@@ -18,7 +18,7 @@ paths="portable avx2"
 grep -qw avx512f /proc/cpuinfo 2>/dev/null && paths="$paths avx512"
 grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null && paths="$paths avx512bf16"
 for path in $paths; do
-    TDA_ENGINE_KERNELS=$path .venv/bin/python -m pytest -q tests/test_parity.py tests/test_real_models.py \
+    TDA_ENGINE_KERNELS=$path .venv/bin/python -m pytest -q tests/test_parity.py tests/test_real_models.py tests/test_quantized.py \
         tests/test_sparsity.py
 done
 cargo test --release -q -p tda-core
