@@ -48,7 +48,7 @@ fn dev_mut(b: &mut Buf) -> Result<&mut DeviceBuf> {
 fn mat(m: &Matrix) -> Result<&DeviceMatrix> {
     match &m.store {
         MatrixStore::Cuda(d) => Ok(d),
-        MatrixStore::Host(_) => Err(host_handle("matrix")),
+        MatrixStore::Host(_) | MatrixStore::HostBlocks(_) => Err(host_handle("matrix")),
     }
 }
 
