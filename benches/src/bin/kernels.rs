@@ -3,6 +3,8 @@
 //! - **gemv**: the decode matrix-vector product on a `rows x cols` matrix, per weight dtype (f32,
 //!   bf16, f16, or a block type such as q4_0: quantized from the same random values), per
 //!   instruction-set path this CPU has (portable, AVX2, AVX-512), with 1 thread and all threads;
+//!   block types in both decode schemes (`i8`: activations quantized to 8 bits, integer products,
+//!   what decode uses; `f32`: f32 activations against weights widened in registers);
 //! - **ffn**: the fused sparse FFN of decode (`n = rows` neurons of width `d = cols`), all neurons
 //!   and a random `density` share of them, two ways: reading the kept rows in place from the full
 //!   matrices (`indexed`, what the engine does) and after copying the kept rows into compact
@@ -17,7 +19,8 @@ use half::{bf16, f16};
 use std::time::Instant;
 use tda_bench::{arg, machine, num, print_probe, Roofline};
 use tda_core::kernels::cpu::{
-    available, cpu, ffn_decode, gemv_with, huge_page_copy, kernels, rule, FfnRows, WeightSlice, DTYPES, MAX_FFN_CHUNKS,
+    available, cpu, ffn_decode, gemv_float_acts_with, gemv_with, huge_page_copy, kernels, rule, FfnRows, WeightSlice,
+    DTYPES, MAX_FFN_CHUNKS,
 };
 use tda_core::quant::{QBlocks, QType};
 
@@ -170,23 +173,33 @@ fn main() {
     let x: Vec<f32> = (0..cols).map(|i| ((i % 13) as f32 - 6.0) / 13.0).collect();
     let mut out = vec![0f32; rows];
     for dtype in &dtypes {
+        // Block types run both decode schemes: 8-bit activations and integer products (`i8`, what
+        // decode uses), and f32 activations against weights widened in registers (`f32`).
+        let schemes: &[&str] = if QType::parse(dtype).is_some() { &["i8", "f32"] } else { &[""] };
         for k in available() {
-            for threads in [1, all] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
-                let (best, rl) =
-                    pool.install(|| time(&roof, iters, || gemv_with(k, w.slice(dtype), cols, &x, &mut out)));
-                let gbs = (rows * row_bytes(dtype, cols)) as f64 / best / 1e9;
-                let di =
-                    DTYPES.iter().position(|d| d == dtype).unwrap_or(if QType::parse(dtype).is_some() { 3 } else { 0 });
-                let mark = if kernels().paths[di] == k.name { " (in use)" } else { "" };
-                run_max = run_max.max(rl).max(gbs);
-                gemv_rows.push((
-                    format!("{dtype:<6} {:<11} {threads:>7} {:>10.1} {gbs:>8.2} {rl:>9.2}", k.name, best * 1e6),
-                    gbs,
-                    mark,
-                ));
-                json.push(serde_json::json!({"bench": "gemv", "dtype": dtype, "path": k.name, "rows": rows,
-                    "cols": cols, "threads": threads, "us_per_call": best * 1e6, "gb_s": gbs, "roofline_gb_s": rl}));
+            for &scheme in schemes {
+                for threads in [1, all] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
+                    let (best, rl) = pool.install(|| {
+                        time(&roof, iters, || match (scheme, w.slice(dtype)) {
+                            ("f32", WeightSlice::Q(q)) => gemv_float_acts_with(k, q, cols, &x, &mut out),
+                            (_, ws) => gemv_with(k, ws, cols, &x, &mut out),
+                        })
+                    });
+                    let gbs = (rows * row_bytes(dtype, cols)) as f64 / best / 1e9;
+                    let di = DTYPES.iter().position(|d| d == dtype).unwrap_or(if scheme.is_empty() { 0 } else { 3 });
+                    let mark = if kernels().paths[di] == k.name && scheme != "f32" { " (in use)" } else { "" };
+                    run_max = run_max.max(rl).max(gbs);
+                    let label = if scheme.is_empty() { dtype.clone() } else { format!("{dtype} {scheme}") };
+                    gemv_rows.push((
+                        format!("{label:<9} {:<11} {threads:>7} {:>10.1} {gbs:>8.2} {rl:>9.2}", k.name, best * 1e6),
+                        gbs,
+                        mark,
+                    ));
+                    json.push(serde_json::json!({"bench": "gemv", "dtype": dtype, "activations": scheme,
+                        "path": k.name, "rows": rows, "cols": cols, "threads": threads, "us_per_call": best * 1e6,
+                        "gb_s": gbs, "roofline_gb_s": rl}));
+                }
             }
         }
     }
@@ -245,7 +258,7 @@ fn main() {
     println!("\nroofline: {run_max:.2} GB/s, the highest read rate of this run (probe readings and kernels)");
     println!("\ngemv {rows} x {cols} (probe GB/s: the reading around that row)");
     println!(
-        "{:<6} {:<11} {:>7} {:>10} {:>8} {:>9} {:>7}",
+        "{:<9} {:<11} {:>7} {:>10} {:>8} {:>9} {:>7}",
         "dtype", "path", "threads", "us/call", "GB/s", "probe", "% roof"
     );
     for (line, gbs, mark) in &gemv_rows {

@@ -270,6 +270,12 @@ pub trait Backend: Send + Sync {
     fn add(&self, x: &mut Buf, y: &Buf, len: usize) -> Result<()>;
     /// `out = x W^T + bias` (`W` is `out_dim x in_dim`).
     fn linear(&self, w: &Matrix, bias: Option<&Buf>, x: &Buf, rows: usize, out: &mut Buf) -> Result<()>;
+    /// [`Backend::linear`] of one row with its activations kept in f32 for quantized weights
+    /// (decode's products round them to 8 bits): the prefill's logits, so that the first token is
+    /// the float model's. Backends without quantized weights take `linear`.
+    fn linear_exact(&self, w: &Matrix, bias: Option<&Buf>, x: &Buf, out: &mut Buf) -> Result<()> {
+        self.linear(w, bias, x, 1, out)
+    }
     /// Three projections of the same single row (q, k and v); a backend may run them as one dispatch.
     fn linear3(&self, ws: [(&Matrix, Option<&Buf>); 3], x: &Buf, outs: [&mut Buf; 3]) -> Result<()> {
         let [o0, o1, o2] = outs;

@@ -383,19 +383,14 @@ impl Model {
         }
         if read == Read::Last {
             let v = self.cfg.vocab_size;
-            if rows > 1 && self.lm_head.weight.qtype().is_some() {
-                // A prefill's logits come from the prefill's product, as every other product of the
-                // prefill: for quantized weights, float32 math on dequantized tiles, where decode's
-                // matrix-vector product would quantize the activations. The first token is then the
-                // float model's. (Two rows, as for the pruned last layer: one row would take the GEMV.)
-                be.copy(&st.x, (rows - 2) * d, &mut st.out, 2 * d)?;
-                self.final_norm.forward(be, &st.out, 2, &mut st.xb)?;
-                let mut two = be.zeros(2 * v)?;
-                self.lm_head.forward(be, &st.xb, 2, &mut two)?;
-                be.copy(&two, v, &mut st.logits, v)?;
+            be.copy(&st.x, (rows - 1) * d, &mut st.out, d)?;
+            self.final_norm.forward(be, &st.out, 1, &mut st.xb)?;
+            if rows > 1 {
+                // A prefill's logits keep their activations in f32, as every other product of the
+                // prefill does: decode's matrix-vector product on quantized weights would round
+                // them to 8 bits. The first token is then the float model's.
+                be.linear_exact(&self.lm_head.weight, self.lm_head.bias.as_ref(), &st.xb, &mut st.logits)?;
             } else {
-                be.copy(&st.x, (rows - 1) * d, &mut st.out, d)?;
-                self.final_norm.forward(be, &st.out, 1, &mut st.xb)?;
                 self.lm_head.forward(be, &st.xb, 1, &mut st.logits)?;
             }
             self.soft_cap(&mut st.logits, v)?;

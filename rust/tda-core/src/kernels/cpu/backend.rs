@@ -360,6 +360,17 @@ impl Backend for CpuBackend {
         add_rows(out, bias, w.rows)
     }
 
+    fn linear_exact(&self, w: &Matrix, bias: Option<&Buf>, x: &Buf, out: &mut Buf) -> Result<()> {
+        match &w.store {
+            MatrixStore::HostBlocks(b) => {
+                let (x, out) = (&x.host()?[..w.cols], &mut out.host_mut()?[..w.rows]);
+                super::gemv_float_acts_with(super::kernels(), b.slice(), w.cols, x, out);
+                add_rows(out, bias, w.rows)
+            }
+            _ => self.linear(w, bias, x, 1, out),
+        }
+    }
+
     fn linear3(&self, ws: [(&Matrix, Option<&Buf>); 3], x: &Buf, outs: [&mut Buf; 3]) -> Result<()> {
         let d = ws[0].0.cols;
         let x = &x.host()?[..d];

@@ -191,6 +191,15 @@ pub fn matmul_on(
     if path == "tiles-avx2" && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         return tiles::matmul(x, rows, w, (k, n), transposed, out);
     }
+    #[cfg(target_arch = "x86_64")]
+    if path == "gemm-crate"
+        && transposed
+        && rows <= thin_max_rows()
+        && k.is_multiple_of(16)
+        && is_x86_feature_detected!("avx512f")
+    {
+        return thin_matmul(x, rows, w, (k, n), out);
+    }
     let _ = path;
     if let WeightSlice::F32(v) = w {
         let (rs, cs) = if transposed { (1, k) } else { (n, 1) };
@@ -210,6 +219,54 @@ pub fn matmul_on(
             }
         }
     });
+}
+
+/// Products over at most this many rows of activations take the thin product on AVX-512 CPUs
+/// (`TDA_ENGINE_THIN_ROWS` overrides it; 0 turns it off): measured on the main job's shapes
+/// (BENCHMARKS.md, issue 13).
+fn thin_max_rows() -> usize {
+    static ROWS: OnceLock<usize> = OnceLock::new();
+    *ROWS.get_or_init(|| std::env::var("TDA_ENGINE_THIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(128))
+}
+
+/// `out = x W^T` for few rows of `x` (a short prompt): each task widens 16 rows of `W` into an
+/// L1-sized tile (quantized blocks dequantized, half floats widened; f32 rows used in place) and
+/// passes every row of `x` over it ([`super::x86::thin_product`]). The weights are read once, no
+/// widened copy of a matrix is written, and nothing is packed: for a short prompt the `gemm`
+/// crate's packing and the whole-matrix widening cost more than the product.
+#[cfg(target_arch = "x86_64")]
+fn thin_matmul(x: &[f32], rows: usize, w: WeightSlice<'_>, (k, n): (usize, usize), out: &mut [f32]) {
+    const TASK_ROWS: usize = 16;
+    struct Out(*mut f32);
+    unsafe impl Send for Out {}
+    unsafe impl Sync for Out {}
+    impl Out {
+        fn at(&self, j: usize) -> *mut f32 {
+            self.0.wrapping_add(j)
+        }
+    }
+    let o = Out(out.as_mut_ptr());
+    let task = |c: usize| {
+        let (j0, j1) = (c * TASK_ROWS, ((c + 1) * TASK_ROWS).min(n));
+        let run = |tile: &[f32]| {
+            // SAFETY: the CPU has AVX-512F (checked by the caller); `x` holds `rows * k` values,
+            // `tile` the rows j0..j1, and each task writes only its own columns j0..j1 of `out`.
+            unsafe { super::x86::thin_product(x, rows, k, tile, j1 - j0, o.at(j0), n) }
+        };
+        match w {
+            WeightSlice::F32(v) => run(&v[j0 * k..j1 * k]),
+            _ => with_buffer(&SCRATCH, (j1 - j0) * k, |tile| {
+                tile.chunks_exact_mut(k).enumerate().for_each(|(i, row)| row_to_f32(w, j0 + i, k, row));
+                run(tile)
+            }),
+        }
+    };
+    let tasks = n.div_ceil(TASK_ROWS);
+    if rows * n * k < super::MIN_PARALLEL_WORK {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
 }
 
 /// The blocked product of the `tiles-avx2` path.
@@ -419,12 +476,31 @@ mod tests {
         }
         // (rows of x, W rows, W cols): odd sizes, a matrix of more than one widened block, and
         // products of several 6-row panels, 16-column panels and 256-step blocks with ragged edges.
-        let sizes = [(1, 1, 1), (3, 7, 5), (5, 33, 17), (2, 1100, 1000), (13, 37, 600), (7, 300, 257), (19, 530, 70)];
+        // Widths of whole 16s and 32s take the thin product on AVX-512 CPUs (up to its row count;
+        // 129 rows go past it), and quantized weights as well.
+        let sizes = [
+            (1, 1, 1),
+            (3, 7, 5),
+            (5, 33, 17),
+            (2, 1100, 1000),
+            (13, 37, 600),
+            (7, 300, 257),
+            (19, 530, 70),
+            (37, 70, 576),
+            (6, 19, 32),
+            (9, 17, 64),
+            (10, 18, 32),
+            (129, 21, 64),
+        ];
         for (path, &(m, wr, wc)) in paths.iter().flat_map(|p| sizes.iter().map(move |s| (p, s))) {
             let w: Vec<f32> = (0..wr * wc).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
             let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-            for ws in [WeightSlice::F32(&w), WeightSlice::BF16(&wb), WeightSlice::F16(&wh)] {
+            let q =
+                (wc % 32 == 0).then(|| crate::quant::QBlocks::quantize(crate::quant::QType::Q4_1, &w, wr, wc).unwrap());
+            let mut slices = vec![WeightSlice::F32(&w), WeightSlice::BF16(&wb), WeightSlice::F16(&wh)];
+            slices.extend(q.as_ref().map(|q| WeightSlice::Q(q.slice())));
+            for ws in slices {
                 let mut wf = vec![0f32; wr * wc];
                 for r in 0..wr {
                     row_to_f32(ws, r, wc, &mut wf[r * wc..(r + 1) * wc]);

@@ -77,6 +77,9 @@ pub struct Kernels {
     /// `out[r] = row r . x` for the `out.len()` consecutive rows (of `cols` values) of a quantized
     /// matrix, with `x` quantized for its type: several rows at a time sharing the activations.
     gemv_q: unsafe fn(QSlice<'_>, usize, &QActs, &mut [f32]),
+    /// As `gemv_q` with f32 activations (weights widened in registers): the other scheme, for
+    /// exact activations (the prefill's logits) and for the kernels bench's comparison.
+    gemv_qf: unsafe fn(QSlice<'_>, usize, &[f32], &mut [f32]),
 }
 
 /// The weight dtypes of the kernel table, in the order of [`Kernels::paths`] (`quant`: every
@@ -97,6 +100,7 @@ const PORTABLE: Kernels = Kernels {
     dot_q: |w, a, _| crate::quant::dot_portable(w, a),
     axpy_q: |a, w, y, _| axpy_q_with(a, w, y, axpy_portable),
     gemv_q: |w, cols, a, out| gemv_q_rows(w, cols, a, out, crate::quant::dot_portable),
+    gemv_qf: |w, cols, x, out| gemv_qf_rows(w, cols, x, out, dot_portable),
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -114,6 +118,7 @@ const AVX2: Kernels = Kernels {
     dot_q: |w, a, n| unsafe { dot_q_x86(w, a, n, false) },
     axpy_q: axpy_q_x86,
     gemv_q: |w, cols, a, out| unsafe { gemv_q_x86(w, cols, a, out, false) },
+    gemv_qf: |w, cols, x, out| unsafe { gemv_qf_x86(w, cols, x, out, false) },
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -131,6 +136,7 @@ const AVX512: Kernels = Kernels {
     dot_q: |w, a, n| unsafe { dot_q_x86(w, a, n, vnni()) },
     axpy_q: axpy_q_x86,
     gemv_q: |w, cols, a, out| unsafe { gemv_q_x86(w, cols, a, out, vnni()) },
+    gemv_qf: |w, cols, x, out| unsafe { gemv_qf_x86(w, cols, x, out, true) },
 };
 
 /// AVX-512 with `avx512_bf16`: bf16 rows against bf16 activations with `vdpbf16ps`, no widening.
@@ -188,6 +194,48 @@ unsafe fn gemv_q_x86(w: QSlice<'_>, cols: usize, a: &QActs, out: &mut [f32], vnn
             (QType::Q8_0, true) => qx86::gemv_q8_0_vnni(wb, rb, ab, out),
             _ => gemv_q_rows(w, cols, a, out, |r, a| dot_q_x86(r, a, &[], vnni)),
         }
+    }
+}
+
+/// [`Kernels::gemv_qf`] on the x86 paths: our loops for the 32-element formats (512-bit where
+/// `wide`), the others dequantized a few blocks at a time on the stack.
+#[cfg(target_arch = "x86_64")]
+unsafe fn gemv_qf_x86(w: QSlice<'_>, cols: usize, x: &[f32], out: &mut [f32], wide: bool) {
+    use crate::quant::QType;
+    let (wb, rb) = (w.bytes(), w.qtype().row_bytes(cols));
+    // SAFETY: the tables holding this exist only on CPUs with AVX2, FMA and F16C (and AVX-512F
+    // where `wide`); `w` holds `out.len()` rows of `rb` bytes and `x` a row's worth of values.
+    unsafe {
+        match (w.qtype(), wide) {
+            (QType::Q4_0, false) => qx86::gemv_f_q4_0(wb, rb, x, out),
+            (QType::Q4_0, true) => qx86::gemv_f_q4_0_512(wb, rb, x, out),
+            (QType::Q4_1, false) => qx86::gemv_f_q4_1(wb, rb, x, out),
+            (QType::Q4_1, true) => qx86::gemv_f_q4_1_512(wb, rb, x, out),
+            (QType::Q5_0, false) => qx86::gemv_f_q5_0(wb, rb, x, out),
+            (QType::Q5_0, true) => qx86::gemv_f_q5_0_512(wb, rb, x, out),
+            (QType::Q8_0, false) => qx86::gemv_f_q8_0(wb, rb, x, out),
+            (QType::Q8_0, true) => qx86::gemv_f_q8_0_512(wb, rb, x, out),
+            (_, false) => gemv_qf_rows(w, cols, x, out, |a, b| x86::dot_f32(a, b, &[])),
+            (_, true) => gemv_qf_rows(w, cols, x, out, |a, b| x86::dot_f32_512(a, b, &[])),
+        }
+    }
+}
+
+/// `out[r] = row r . x` with f32 activations, each row dequantized up to 256 values at a time on
+/// the stack.
+fn gemv_qf_rows(w: QSlice<'_>, cols: usize, x: &[f32], out: &mut [f32], dot: impl Fn(&[f32], &[f32]) -> f32) {
+    let b = w.qtype().block();
+    let (bpr, per) = (cols / b, (256 / b).max(1));
+    let mut buf = [0f32; 256];
+    for (r, o) in out.iter_mut().enumerate() {
+        let mut s = 0f32;
+        for i in (0..bpr).step_by(per) {
+            let j = (i + per).min(bpr);
+            let v = &mut buf[..(j - i) * b];
+            w.blocks(r * bpr + i..r * bpr + j).dequantize(0, v);
+            s += dot(v, &x[i * b..j * b]);
+        }
+        *o = s;
     }
 }
 
@@ -331,6 +379,7 @@ fn combine(paths: [&'static str; 4]) -> Kernels {
         dot_q: t[3].dot_q,
         axpy_q: t[3].axpy_q,
         gemv_q: t[3].gemv_q,
+        gemv_qf: t[3].gemv_qf,
     }
 }
 
@@ -693,6 +742,20 @@ pub fn gemv_many(cols: usize, x: &[f32], parts: &mut [(WeightSlice<'_>, &mut [f3
 pub fn gemv_with(k: &Kernels, w: WeightSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
     debug_assert_eq!(x.len(), cols);
     with_acts(k, &[w], &x[..cols], |x| gemv_acts(k, w, cols, x, out))
+}
+
+/// `out = W x` for a quantized `W` with f32 activations (weights widened in registers, no
+/// activation rounding), on `k`'s loops, over all threads.
+pub fn gemv_float_acts_with(k: &Kernels, w: QSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
+    let (rows, bpr) = (out.len(), cols / w.qtype().block());
+    // SAFETY: as in `Kernels::dot`; each chunk's rows lie inside the matrix.
+    let run =
+        |r0: usize, out: &mut [f32]| unsafe { (k.gemv_qf)(w.blocks(r0 * bpr..(r0 + out.len()) * bpr), cols, x, out) };
+    if rows * cols < 2 * MIN_PARALLEL_WORK {
+        return run(0, out);
+    }
+    let rows_per_task = (MIN_PARALLEL_WORK / cols.max(1)).clamp(4, rows.div_ceil(rayon::current_num_threads()));
+    out.par_chunks_mut(rows_per_task).enumerate().for_each(|(c, chunk)| run(c * rows_per_task, chunk));
 }
 
 fn gemv_acts(k: &Kernels, w: WeightSlice<'_>, cols: usize, x: &Acts<'_>, out: &mut [f32]) {
@@ -1122,6 +1185,21 @@ mod tests {
                         assert!(
                             (got - want).abs() <= 1e-5 * (1.0 + scale),
                             "{} {} row {r}: {got} vs reference loop {want}",
+                            k.name,
+                            q.name()
+                        );
+                    }
+                    // The f32-activation scheme: the dequantized rows' dot products, up to f32
+                    // summation order (no activation rounding).
+                    let mut outf = vec![f32::NAN; rows];
+                    gemv_float_acts_with(k, blocks.slice(), cols, &x, &mut outf);
+                    for (r, got) in outf.iter().enumerate() {
+                        let wr = &deq[r * cols..(r + 1) * cols];
+                        let exact: f64 = wr.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let scale: f64 = wr.iter().zip(&x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                        assert!(
+                            (*got as f64 - exact).abs() <= 2e-6 * (1.0 + scale),
+                            "{} {} f32 activations row {r}: {got} vs {exact}",
                             k.name,
                             q.name()
                         );

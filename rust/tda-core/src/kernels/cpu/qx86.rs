@@ -272,3 +272,114 @@ pub unsafe fn quantize_q8(x: &[f32], out: &mut [u8], with_sum: bool) {
         }
     }
 }
+
+/// The other decode scheme for the 32-element formats: f32 activations against weights widened in
+/// registers (`d * q + m`, summed as `d * (q . x) + m * sum(x)`), no activation rounding. It takes
+/// two to three times the instructions per block of the integer loops (four i8 -> f32 conversions
+/// and four FMAs per row and block where `vpdpbusd` takes one): the kernels bench measures both
+/// (BENCHMARKS.md), and decode keeps the integer loops. The prefill's logits take this one (exact
+/// activations for a row or two, with no dequantized copy of the matrix).
+macro_rules! gemv_float {
+    ($name:ident, $wb:expr, |$pw:ident| $values:expr) => {
+        /// `out[r] = row r . x` for the `out.len()` consecutive rows of `w`, `row_bytes` each, [`ROWS`]
+        /// at a time; `x` holds a row's worth of f32 values.
+        /// # Safety
+        /// The CPU must have AVX2, FMA and F16C; `w` holds the rows.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $name(w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+            let (nb, rows) = (row_bytes / $wb, out.len());
+            debug_assert!(w.len() >= rows * row_bytes && x.len() >= 32 * nb);
+            let px = x.as_ptr();
+            let mut r = 0;
+            while r < rows {
+                let group = (rows - r).min(ROWS);
+                let base = w.as_ptr().add(r * row_bytes);
+                let mut acc = [_mm256_setzero_ps(); ROWS];
+                for i in 0..nb {
+                    let xv = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(px.add(32 * i + o)));
+                    let xsum = _mm256_add_ps(_mm256_add_ps(xv[0], xv[1]), _mm256_add_ps(xv[2], xv[3]));
+                    for k in 0..group {
+                        let $pw = base.add(k * row_bytes + $wb * i);
+                        if i % 2 == 0 {
+                            _mm_prefetch($pw.add(PREFETCH_AHEAD) as *const i8, _MM_HINT_T0);
+                        }
+                        let (bytes, d, m): (__m256i, f32, f32) = $values;
+                        let lo = _mm256_castsi256_si128(bytes);
+                        let hi = _mm256_extracti128_si256(bytes, 1);
+                        let q = [lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)]
+                            .map(|h| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h)));
+                        let s = _mm256_fmadd_ps(q[1], xv[1], _mm256_mul_ps(q[0], xv[0]));
+                        let s = _mm256_fmadd_ps(q[3], xv[3], _mm256_fmadd_ps(q[2], xv[2], s));
+                        acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc[k]);
+                        if m != 0.0 {
+                            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(m), xsum, acc[k]);
+                        }
+                    }
+                }
+                for k in 0..group {
+                    out[r + k] = hsum8(acc[k]);
+                }
+                r += group;
+            }
+        }
+    };
+}
+
+gemv_float!(gemv_f_q4_0, 18, |pw| (_mm256_sub_epi8(nibbles(pw.add(2)), _mm256_set1_epi8(8)), h2f(pw), 0.0));
+gemv_float!(gemv_f_q4_1, 20, |pw| (nibbles(pw.add(4)), h2f(pw), h2f(pw.add(2))));
+gemv_float!(gemv_f_q5_0, 22, |pw| {
+    let hi = _mm256_andnot_si256(bits_to_bytes(pw.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+    (_mm256_or_si256(nibbles(pw.add(6)), hi), h2f(pw), 0.0)
+});
+gemv_float!(gemv_f_q8_0, 34, |pw| (_mm256_loadu_si256(pw.add(2) as *const __m256i), h2f(pw), 0.0));
+
+/// [`gemv_float`] on 512-bit vectors: 16 weights widened per instruction.
+macro_rules! gemv_float_512 {
+    ($name:ident, $wb:expr, |$pw:ident| $values:expr) => {
+        /// As the AVX2 loop of the same type, on AVX-512.
+        /// # Safety
+        /// The CPU must have AVX2, FMA, F16C and AVX-512F; `w` holds the rows.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+        pub unsafe fn $name(w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+            let (nb, rows) = (row_bytes / $wb, out.len());
+            debug_assert!(w.len() >= rows * row_bytes && x.len() >= 32 * nb);
+            let px = x.as_ptr();
+            let mut r = 0;
+            while r < rows {
+                let group = (rows - r).min(ROWS);
+                let base = w.as_ptr().add(r * row_bytes);
+                let mut acc = [_mm512_setzero_ps(); ROWS];
+                for i in 0..nb {
+                    let xv = [_mm512_loadu_ps(px.add(32 * i)), _mm512_loadu_ps(px.add(32 * i + 16))];
+                    let xsum = _mm512_add_ps(xv[0], xv[1]);
+                    for k in 0..group {
+                        let $pw = base.add(k * row_bytes + $wb * i);
+                        if i % 2 == 0 {
+                            _mm_prefetch($pw.add(PREFETCH_AHEAD) as *const i8, _MM_HINT_T0);
+                        }
+                        let (bytes, d, m): (__m256i, f32, f32) = $values;
+                        let q = [_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1)]
+                            .map(|h| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(h)));
+                        let s = _mm512_fmadd_ps(q[1], xv[1], _mm512_mul_ps(q[0], xv[0]));
+                        acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(d), s, acc[k]);
+                        if m != 0.0 {
+                            acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(m), xsum, acc[k]);
+                        }
+                    }
+                }
+                for k in 0..group {
+                    out[r + k] = _mm512_reduce_add_ps(acc[k]);
+                }
+                r += group;
+            }
+        }
+    };
+}
+
+gemv_float_512!(gemv_f_q4_0_512, 18, |pw| (_mm256_sub_epi8(nibbles(pw.add(2)), _mm256_set1_epi8(8)), h2f(pw), 0.0));
+gemv_float_512!(gemv_f_q4_1_512, 20, |pw| (nibbles(pw.add(4)), h2f(pw), h2f(pw.add(2))));
+gemv_float_512!(gemv_f_q5_0_512, 22, |pw| {
+    let hi = _mm256_andnot_si256(bits_to_bytes(pw.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+    (_mm256_or_si256(nibbles(pw.add(6)), hi), h2f(pw), 0.0)
+});
+gemv_float_512!(gemv_f_q8_0_512, 34, |pw| (_mm256_loadu_si256(pw.add(2) as *const __m256i), h2f(pw), 0.0));

@@ -296,3 +296,100 @@ pub unsafe fn gemm_tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ld
         }
     }
 }
+
+/// `out[t * ldo + j] = x_t . w_j` for `TM` rows of `x` and `JN` rows of `w` (rows of `k` values,
+/// `k` a multiple of 16), `x`'s rows `ldx` apart and `w`'s `k` apart: the register tile of the
+/// thin product, each output a 512-bit running dot product summed across its lanes at the end.
+///
+/// # Safety
+/// The CPU must have AVX-512F; the rows must lie inside `x` and `w`, and `out` must be valid for
+/// the writes.
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn thin_tile<const TM: usize, const JN: usize>(
+    x: *const f32,
+    ldx: usize,
+    w: *const f32,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); JN]; TM];
+    let mut p = 0;
+    while p < k {
+        let wv: [__m512; JN] = core::array::from_fn(|j| _mm512_loadu_ps(w.add(j * k + p)));
+        for (t, row) in acc.iter_mut().enumerate() {
+            let xv = _mm512_loadu_ps(x.add(t * ldx + p));
+            for (a, wj) in row.iter_mut().zip(&wv) {
+                *a = _mm512_fmadd_ps(*wj, xv, *a);
+            }
+        }
+        p += 16;
+    }
+    for (t, row) in acc.iter().enumerate() {
+        for (j, a) in row.iter().enumerate() {
+            *out.add(t * ldo + j) = _mm512_reduce_add_ps(*a);
+        }
+    }
+}
+
+/// Rows of `x` per register tile of the thin product, and rows of `w`.
+pub const THIN_TM: usize = 4;
+pub const THIN_JN: usize = 4;
+
+/// `out (m x ldo, columns j0..j0 + nw) = x (m x k) . w^T` for `nw` rows of `w` (`k` values each,
+/// a multiple of 16): [`thin_tile`]s of [`THIN_TM`] x [`THIN_JN`], the weight rows of a tile kept
+/// in L1 while every row of `x` passes.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `x` holds `m * k` values, `w` `nw * k`, and `out` is valid for
+/// writes at `t * ldo + j` for `t < m`, `j < nw`, touched by nobody else during the call.
+#[target_feature(enable = "avx2,fma,avx512f")]
+pub unsafe fn thin_product(x: &[f32], m: usize, k: usize, w: &[f32], nw: usize, out: *mut f32, ldo: usize) {
+    debug_assert!(k.is_multiple_of(16) && x.len() >= m * k && w.len() >= nw * k);
+    macro_rules! tile {
+        ($t:expr, $j:expr, $tm:expr, $jn:expr) => {
+            match ($tm, $jn) {
+                (4, 4) => {
+                    thin_tile::<4, 4>(x.as_ptr().add($t * k), k, w.as_ptr().add($j * k), k, out.add($t * ldo + $j), ldo)
+                }
+                (4, 3) => {
+                    thin_tile::<4, 3>(x.as_ptr().add($t * k), k, w.as_ptr().add($j * k), k, out.add($t * ldo + $j), ldo)
+                }
+                (4, 2) => {
+                    thin_tile::<4, 2>(x.as_ptr().add($t * k), k, w.as_ptr().add($j * k), k, out.add($t * ldo + $j), ldo)
+                }
+                (4, 1) => {
+                    thin_tile::<4, 1>(x.as_ptr().add($t * k), k, w.as_ptr().add($j * k), k, out.add($t * ldo + $j), ldo)
+                }
+                (3, jn) => {
+                    thin_rows::<3>(x.as_ptr().add($t * k), k, w.as_ptr().add($j * k), jn, out.add($t * ldo + $j), ldo)
+                }
+                (2, jn) => {
+                    thin_rows::<2>(x.as_ptr().add($t * k), k, w.as_ptr().add($j * k), jn, out.add($t * ldo + $j), ldo)
+                }
+                (_, jn) => {
+                    thin_rows::<1>(x.as_ptr().add($t * k), k, w.as_ptr().add($j * k), jn, out.add($t * ldo + $j), ldo)
+                }
+            }
+        };
+    }
+    let mut j = 0;
+    while j < nw {
+        let jn = (nw - j).min(THIN_JN);
+        let mut t = 0;
+        while t < m {
+            let tm = (m - t).min(THIN_TM);
+            tile!(t, j, tm, jn);
+            t += tm;
+        }
+        j += jn;
+    }
+}
+
+/// The edge tiles with fewer than [`THIN_TM`] rows of `x`: one weight row at a time.
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn thin_rows<const TM: usize>(x: *const f32, k: usize, w: *const f32, jn: usize, out: *mut f32, ldo: usize) {
+    for j in 0..jn {
+        thin_tile::<TM, 1>(x, k, w.add(j * k), k, out.add(j), ldo);
+    }
+}
