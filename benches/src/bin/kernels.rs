@@ -5,10 +5,11 @@
 //!   instruction-set path this CPU has (portable, AVX2, AVX-512), with 1 thread and all threads;
 //!   block types in both decode schemes (`i8`: activations quantized to 8 bits, integer products,
 //!   what decode uses; `f32`: f32 activations against weights widened in registers);
-//! - **ffn**: the fused sparse FFN of decode (`n = rows` neurons of width `d = cols`), all neurons
-//!   and a random `density` share of them, two ways: reading the kept rows in place from the full
-//!   matrices (`indexed`, what the engine does) and after copying the kept rows into compact
-//!   matrices (`compacted`; the copy is timed apart).
+//! - **ffn**: the fused sparse FFN of decode (`n = rows` neurons of width `d = cols`; for block types
+//!   `Wd^T` in Q8_0, as the engine keeps it), all neurons and a random `density` share of them,
+//!   two ways: reading the kept rows in place from the full matrices (`indexed`, what the engine
+//!   does) and after copying the kept rows into compact matrices (`compacted`; the copy is timed
+//!   apart).
 //!
 //! ```text
 //! cargo run --release -p tda-bench --bin kernels -- [--rows 11008] [--cols 4096] [--iters 20]
@@ -168,7 +169,11 @@ fn main() {
     let mut run_max = 0f64;
     let mut gemv_rows: Vec<(String, f64, &str)> = vec![];
     let mut ffn_rows: Vec<(String, f64, String)> = vec![];
-    let qs = qtypes(&dtypes);
+    let mut qs = qtypes(&dtypes);
+    if !qs.is_empty() && !qs.contains(&QType::Q8_0) {
+        // The engine's transposed down projection of a quantized FFN (`sparse_down_type`).
+        qs.push(QType::Q8_0);
+    }
     let w = Mat::random(rows, cols, 1, &qs);
     let x: Vec<f32> = (0..cols).map(|i| ((i % 13) as f32 - 6.0) / 13.0).collect();
     let mut out = vec![0f32; rows];
@@ -229,7 +234,8 @@ fn main() {
                 let w = FfnRows {
                     gate: mg.slice(dtype),
                     up: mu.slice(dtype),
-                    down_t: md.slice(dtype),
+                    // As the engine stores it: requantized to Q8_0 for every block type.
+                    down_t: md.slice(if QType::parse(dtype).is_some() { "q8_0" } else { dtype }),
                     gate_bias: None,
                     up_bias: None,
                     d,
@@ -239,7 +245,8 @@ fn main() {
                 if density >= 1.0 {
                     dense_s = best;
                 }
-                let bytes = 3 * kept.len() * row_bytes(dtype, d);
+                let down = if QType::parse(dtype).is_some() { "q8_0" } else { dtype };
+                let bytes = kept.len() * (2 * row_bytes(dtype, d) + row_bytes(down, d));
                 let gbs = bytes as f64 / best / 1e9;
                 let copy = if layout == "compacted" { copy_ms } else { 0.0 };
                 run_max = run_max.max(rl).max(gbs);

@@ -151,6 +151,20 @@ fn vnni() -> bool {
     is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
 }
 
+/// Whether the VNNI matrix-vector loops take 512-bit vectors (two blocks per `vpdpbusd`, weights
+/// offset to unsigned instead of the sign trick; needs AVX-512 BW too). Measured against the 256-bit
+/// loops on an Intel Xeon (BENCHMARKS.md, issue 13): 1.24x on Q4_0, 1.27x on Q5_0, 1.15x on Q8_0 on
+/// one thread, Q4_1 even, none slower. `TDA_ENGINE_QUANT_WIDTH=256` keeps the 256-bit loops.
+#[cfg(target_arch = "x86_64")]
+fn wide_vnni() -> bool {
+    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WIDE.get_or_init(|| {
+        vnni()
+            && is_x86_feature_detected!("avx512bw")
+            && std::env::var("TDA_ENGINE_QUANT_WIDTH").map_or(true, |v| v.trim() != "256")
+    })
+}
+
 /// A quantized row's dot product on the x86 paths: our integer loops for the 32-element formats
 /// (VNNI's `vpdpbusd` where `vnni`, else AVX2's `maddubs`), candle's AVX2 loops for the K-quants
 /// (and its portable loop for Q5_1).
@@ -185,6 +199,10 @@ unsafe fn gemv_q_x86(w: QSlice<'_>, cols: usize, a: &QActs, out: &mut [f32], vnn
     unsafe {
         match (w.qtype(), vnni) {
             (QType::Q4_0, false) => qx86::gemv_q4_0(wb, rb, ab, out),
+            (QType::Q4_0, true) if wide_vnni() => qx86::gemv_q4_0_512(wb, rb, ab, out),
+            (QType::Q4_1, true) if wide_vnni() => qx86::gemv_q4_1_512(wb, rb, ab, out),
+            (QType::Q5_0, true) if wide_vnni() => qx86::gemv_q5_0_512(wb, rb, ab, out),
+            (QType::Q8_0, true) if wide_vnni() => qx86::gemv_q8_0_512(wb, rb, ab, out),
             (QType::Q4_0, true) => qx86::gemv_q4_0_vnni(wb, rb, ab, out),
             (QType::Q4_1, false) => qx86::gemv_q4_1(wb, rb, ab, out),
             (QType::Q4_1, true) => qx86::gemv_q4_1_vnni(wb, rb, ab, out),
@@ -1148,7 +1166,7 @@ mod tests {
                 let b = q.block();
                 // Odd row counts and odd numbers of blocks per row (1, 3, 19 blocks of 32; 1 and 3 of 256).
                 let shapes: &[(usize, usize)] =
-                    if b == 32 { &[(1, 32), (7, 96), (33, 608)] } else { &[(3, 256), (9, 768)] };
+                    if b == 32 { &[(1, 32), (7, 96), (33, 608), (12, 640)] } else { &[(3, 256), (9, 768)] };
                 for &(rows, cols) in shapes {
                     let wf = wavy(rows * cols, 1 + rows as u64);
                     let x = wavy(cols, 7 + cols as u64);

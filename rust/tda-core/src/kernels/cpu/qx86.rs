@@ -3,7 +3,9 @@
 //! activation blocks, and `y += a * row` for Q8_0 rows (the sparse FFN's transposed down
 //! projection). Two variants of each dot: AVX2 (`maddubs` + `madd`: u8 x i8 pairs summed to i16,
 //! then to i32) and AVX-512 VNNI on 256-bit vectors (`vpdpbusd`: u8 x i8 quadruples summed straight
-//! into i32, one instruction instead of two).
+//! into i32, one instruction instead of two); the multi-row matrix-vector loops also come on 512-bit
+//! VNNI vectors, two blocks per instruction. Besides them: the same products with f32 activations
+//! (the other scheme, measured against these), and the dequantization the prefill widens with.
 //!
 //! Block layouts (ggml's, `repr(C)`, little-endian): Q4_0 `d: f16, qs: [u8; 16]` (element j is the
 //! low nibble of `qs[j]`, element j + 16 the high one, both minus 8); Q4_1 `d, m: f16, qs: [u8; 16]`
@@ -275,49 +277,86 @@ pub unsafe fn quantize_q8(x: &[f32], out: &mut [u8], with_sum: bool) {
 
 /// The other decode scheme for the 32-element formats: f32 activations against weights widened in
 /// registers (`d * q + m`, summed as `d * (q . x) + m * sum(x)`), no activation rounding. It takes
-/// two to three times the instructions per block of the integer loops (four i8 -> f32 conversions
-/// and four FMAs per row and block where `vpdpbusd` takes one): the kernels bench measures both
+/// two to three times the instructions per block of the integer loops (i8 -> f32 conversions and
+/// FMAs per row and block where `vpdpbusd` takes one): the kernels bench measures both
 /// (BENCHMARKS.md), and decode keeps the integer loops. The prefill's logits take this one (exact
-/// activations for a row or two, with no dequantized copy of the matrix).
+/// activations for one row, with no dequantized copy of the matrix).
+///
+/// One block of one row, on 256-bit (`avx2`) or 512-bit (`avx512`) vectors: the 32 weight bytes
+/// widened and multiplied with the block's activations `xv`, as one vector of partial sums.
+macro_rules! widened_dot {
+    (avx2, $bytes:expr, $xv:expr) => {{
+        let (lo, hi) = (_mm256_castsi256_si128($bytes), _mm256_extracti128_si256($bytes, 1));
+        let q = [lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)]
+            .map(|h| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h)));
+        let s = _mm256_fmadd_ps(q[1], $xv[1], _mm256_mul_ps(q[0], $xv[0]));
+        _mm256_fmadd_ps(q[3], $xv[3], _mm256_fmadd_ps(q[2], $xv[2], s))
+    }};
+    (avx512, $bytes:expr, $xv:expr) => {{
+        let q = [_mm256_castsi256_si128($bytes), _mm256_extracti128_si256($bytes, 1)]
+            .map(|h| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(h)));
+        _mm512_fmadd_ps(q[1], $xv[1], _mm512_mul_ps(q[0], $xv[0]))
+    }};
+}
+
+/// The vector operations of one width, for [`gemv_float`]: zero, a block's activations (32 f32 as
+/// 4 or 2 vectors), their sum, broadcast, FMA and the sum across lanes.
+macro_rules! vec_ops {
+    (avx2) => {
+        (
+            _mm256_setzero_ps,
+            |p: *const f32| [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o))),
+            |v: &[__m256; 4]| _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])),
+            _mm256_set1_ps,
+            _mm256_fmadd_ps,
+            hsum8,
+        )
+    };
+    (avx512) => {
+        (
+            _mm512_setzero_ps,
+            |p: *const f32| [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))],
+            |v: &[__m512; 2]| _mm512_add_ps(v[0], v[1]),
+            _mm512_set1_ps,
+            _mm512_fmadd_ps,
+            _mm512_reduce_add_ps,
+        )
+    };
+}
+
 macro_rules! gemv_float {
-    ($name:ident, $wb:expr, |$pw:ident| $values:expr) => {
+    ($name:ident, $width:tt, $features:literal, $wb:expr, |$pw:ident| $values:expr) => {
         /// `out[r] = row r . x` for the `out.len()` consecutive rows of `w`, `row_bytes` each, [`ROWS`]
         /// at a time; `x` holds a row's worth of f32 values.
         /// # Safety
-        /// The CPU must have AVX2, FMA and F16C; `w` holds the rows.
-        #[target_feature(enable = "avx2,fma,f16c")]
+        /// The CPU must have the features; `w` holds the rows.
+        #[target_feature(enable = $features)]
         pub unsafe fn $name(w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+            let (zero, load, sum, set1, fma, reduce) = vec_ops!($width);
             let (nb, rows) = (row_bytes / $wb, out.len());
             debug_assert!(w.len() >= rows * row_bytes && x.len() >= 32 * nb);
-            let px = x.as_ptr();
             let mut r = 0;
             while r < rows {
                 let group = (rows - r).min(ROWS);
                 let base = w.as_ptr().add(r * row_bytes);
-                let mut acc = [_mm256_setzero_ps(); ROWS];
+                let mut acc = [zero(); ROWS];
                 for i in 0..nb {
-                    let xv = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(px.add(32 * i + o)));
-                    let xsum = _mm256_add_ps(_mm256_add_ps(xv[0], xv[1]), _mm256_add_ps(xv[2], xv[3]));
+                    let xv = load(x.as_ptr().add(32 * i));
+                    let xsum = sum(&xv);
                     for k in 0..group {
                         let $pw = base.add(k * row_bytes + $wb * i);
                         if i % 2 == 0 {
                             _mm_prefetch($pw.add(PREFETCH_AHEAD) as *const i8, _MM_HINT_T0);
                         }
                         let (bytes, d, m): (__m256i, f32, f32) = $values;
-                        let lo = _mm256_castsi256_si128(bytes);
-                        let hi = _mm256_extracti128_si256(bytes, 1);
-                        let q = [lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)]
-                            .map(|h| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h)));
-                        let s = _mm256_fmadd_ps(q[1], xv[1], _mm256_mul_ps(q[0], xv[0]));
-                        let s = _mm256_fmadd_ps(q[3], xv[3], _mm256_fmadd_ps(q[2], xv[2], s));
-                        acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc[k]);
+                        acc[k] = fma(set1(d), widened_dot!($width, bytes, xv), acc[k]);
                         if m != 0.0 {
-                            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(m), xsum, acc[k]);
+                            acc[k] = fma(set1(m), xsum, acc[k]);
                         }
                     }
                 }
                 for k in 0..group {
-                    out[r + k] = hsum8(acc[k]);
+                    out[r + k] = reduce(acc[k]);
                 }
                 r += group;
             }
@@ -325,61 +364,126 @@ macro_rules! gemv_float {
     };
 }
 
-gemv_float!(gemv_f_q4_0, 18, |pw| (_mm256_sub_epi8(nibbles(pw.add(2)), _mm256_set1_epi8(8)), h2f(pw), 0.0));
-gemv_float!(gemv_f_q4_1, 20, |pw| (nibbles(pw.add(4)), h2f(pw), h2f(pw.add(2))));
-gemv_float!(gemv_f_q5_0, 22, |pw| {
-    let hi = _mm256_andnot_si256(bits_to_bytes(pw.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
-    (_mm256_or_si256(nibbles(pw.add(6)), hi), h2f(pw), 0.0)
-});
-gemv_float!(gemv_f_q8_0, 34, |pw| (_mm256_loadu_si256(pw.add(2) as *const __m256i), h2f(pw), 0.0));
+/// The float-activation loops of the 32-element formats on both widths.
+macro_rules! gemv_float_types {
+    ($width:tt, $features:literal, $q4_0:ident, $q4_1:ident, $q5_0:ident, $q8_0:ident) => {
+        gemv_float!($q4_0, $width, $features, 18, |pw| (
+            _mm256_sub_epi8(nibbles(pw.add(2)), _mm256_set1_epi8(8)),
+            h2f(pw),
+            0.0
+        ));
+        gemv_float!($q4_1, $width, $features, 20, |pw| (nibbles(pw.add(4)), h2f(pw), h2f(pw.add(2))));
+        gemv_float!($q5_0, $width, $features, 22, |pw| {
+            let hi = _mm256_andnot_si256(bits_to_bytes(pw.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+            (_mm256_or_si256(nibbles(pw.add(6)), hi), h2f(pw), 0.0)
+        });
+        gemv_float!($q8_0, $width, $features, 34, |pw| (_mm256_loadu_si256(pw.add(2) as *const __m256i), h2f(pw), 0.0));
+    };
+}
 
-/// [`gemv_float`] on 512-bit vectors: 16 weights widened per instruction.
-macro_rules! gemv_float_512 {
-    ($name:ident, $wb:expr, |$pw:ident| $values:expr) => {
-        /// As the AVX2 loop of the same type, on AVX-512.
+gemv_float_types!(avx2, "avx2,fma,f16c", gemv_f_q4_0, gemv_f_q4_1, gemv_f_q5_0, gemv_f_q8_0);
+gemv_float_types!(avx512, "avx2,fma,f16c,avx512f", gemv_f_q4_0_512, gemv_f_q4_1_512, gemv_f_q5_0_512, gemv_f_q8_0_512);
+
+/// The same f32 in the low eight lanes as `lo` and the high eight as `hi`.
+#[inline(always)]
+unsafe fn pair_ps(lo: f32, hi: f32) -> __m512 {
+    _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(lo), _mm512_set1_ps(hi))
+}
+
+/// The 32 nibbles of each of two blocks' 16 bytes at `p0` and `p1`, as 64 bytes in element order
+/// (block 0's low nibbles, its high ones, then block 1's).
+#[inline(always)]
+unsafe fn nibbles_pair(p0: *const u8, p1: *const u8) -> __m512i {
+    let (q0, q1) = (_mm_loadu_si128(p0 as *const __m128i), _mm_loadu_si128(p1 as *const __m128i));
+    let t = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(q0, q0)), _mm256_set_m128i(q1, q1), 1);
+    // The second and fourth 128-bit quarters (16-bit lanes 8..16 and 24..32) take the high nibbles.
+    let t = _mm512_mask_srli_epi16(t, 0xFF00_FF00, t, 4);
+    _mm512_and_si512(t, _mm512_set1_epi8(0x0f))
+}
+
+/// Two blocks' unsigned weight bytes, for the 512-bit loops: `(u, bias)` with `u - bias` the
+/// weights (`vpdpbusd` takes u8 x i8, so signed weights are offset instead of the sign trick; the
+/// offset's product with the activations is one `vpdpbusd` per block pair, shared by the rows).
+macro_rules! pair {
+    (q4_0, $p0:expr, $p1:expr) => {
+        nibbles_pair($p0.add(2), $p1.add(2))
+    };
+    (q4_1, $p0:expr, $p1:expr) => {
+        nibbles_pair($p0.add(4), $p1.add(4))
+    };
+    (q5_0, $p0:expr, $p1:expr) => {{
+        let h = _mm512_inserti64x4(_mm512_castsi256_si512(bits_to_bytes($p0.add(2))), bits_to_bytes($p1.add(2)), 1);
+        _mm512_or_si512(nibbles_pair($p0.add(6), $p1.add(6)), _mm512_and_si512(h, _mm512_set1_epi8(0x10)))
+    }};
+    (q8_0, $p0:expr, $p1:expr) => {{
+        let w = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256($p0.add(2) as *const __m256i)),
+            _mm256_loadu_si256($p1.add(2) as *const __m256i),
+            1,
+        );
+        _mm512_xor_si512(w, _mm512_set1_epi8(0x80u8 as i8))
+    }};
+}
+
+/// The 512-bit VNNI matrix-vector loops: [`ROWS`] rows at a time, two blocks per `vpdpbusd`.
+/// `$bias` is the offset of [`pair!`] (0: none), `$min` whether the type has a minimum term
+/// (Q4_1 against Q8_1 activations: `m * s` per block). An odd last block and leftover rows take
+/// the 256-bit VNNI loops.
+macro_rules! loops512 {
+    ($t:tt, $wb:expr, $ab:expr, $qoff:expr, $bias:expr, $min:expr, $dot:ident, $name:ident) => {
+        /// `out[r] = row r . a` for the `out.len()` consecutive rows of `w`, `row_bytes` each.
         /// # Safety
-        /// The CPU must have AVX2, FMA, F16C and AVX-512F; `w` holds the rows.
-        #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-        pub unsafe fn $name(w: &[u8], row_bytes: usize, x: &[f32], out: &mut [f32]) {
+        /// The CPU must have AVX-512 F, BW, VL and VNNI; `w` holds the rows, `a` a row's worth
+        /// of activation blocks.
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        pub unsafe fn $name(w: &[u8], row_bytes: usize, a: &[u8], out: &mut [f32]) {
             let (nb, rows) = (row_bytes / $wb, out.len());
-            debug_assert!(w.len() >= rows * row_bytes && x.len() >= 32 * nb);
-            let px = x.as_ptr();
+            debug_assert!(w.len() >= rows * row_bytes && a.len() >= nb * $ab);
+            let (pairs, zero) = (nb / 2, _mm512_setzero_si512());
             let mut r = 0;
-            while r < rows {
-                let group = (rows - r).min(ROWS);
+            while r + ROWS <= rows {
                 let base = w.as_ptr().add(r * row_bytes);
-                let mut acc = [_mm512_setzero_ps(); ROWS];
-                for i in 0..nb {
-                    let xv = [_mm512_loadu_ps(px.add(32 * i)), _mm512_loadu_ps(px.add(32 * i + 16))];
-                    let xsum = _mm512_add_ps(xv[0], xv[1]);
-                    for k in 0..group {
-                        let $pw = base.add(k * row_bytes + $wb * i);
-                        if i % 2 == 0 {
-                            _mm_prefetch($pw.add(PREFETCH_AHEAD) as *const i8, _MM_HINT_T0);
-                        }
-                        let (bytes, d, m): (__m256i, f32, f32) = $values;
-                        let q = [_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1)]
-                            .map(|h| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(h)));
-                        let s = _mm512_fmadd_ps(q[1], xv[1], _mm512_mul_ps(q[0], xv[0]));
-                        acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(d), s, acc[k]);
-                        if m != 0.0 {
-                            acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(m), xsum, acc[k]);
+                let (mut acc, mut extra) = ([_mm512_setzero_ps(); ROWS], [0f32; ROWS]);
+                for i in 0..pairs {
+                    let (pa0, pa1) = (a.as_ptr().add($ab * 2 * i), a.as_ptr().add($ab * (2 * i + 1)));
+                    let y = _mm512_inserti64x4(
+                        _mm512_castsi256_si512(_mm256_loadu_si256(pa0.add($qoff) as *const __m256i)),
+                        _mm256_loadu_si256(pa1.add($qoff) as *const __m256i),
+                        1,
+                    );
+                    let offset = if $bias != 0 {
+                        _mm512_dpbusd_epi32(zero, _mm512_set1_epi8($bias as u8 as i8), y)
+                    } else {
+                        zero
+                    };
+                    let (da0, da1) = (h2f(pa0), h2f(pa1));
+                    for k in 0..ROWS {
+                        let pw0 = base.add(k * row_bytes + $wb * 2 * i);
+                        let pw1 = pw0.add($wb);
+                        _mm_prefetch(pw0.add(PREFETCH_AHEAD) as *const i8, _MM_HINT_T0);
+                        let dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, pair!($t, pw0, pw1), y), offset);
+                        let s = pair_ps(h2f(pw0) * da0, h2f(pw1) * da1);
+                        acc[k] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(dot), acc[k]);
+                        if $min {
+                            extra[k] += h2f(pw0.add(2)) * h2f(pa0.add(2)) + h2f(pw1.add(2)) * h2f(pa1.add(2));
                         }
                     }
                 }
-                for k in 0..group {
-                    out[r + k] = _mm512_reduce_add_ps(acc[k]);
+                for k in 0..ROWS {
+                    let row = &w[(r + k) * row_bytes..(r + k + 1) * row_bytes];
+                    let last = if nb % 2 == 1 { $dot(&row[$wb * (nb - 1)..], &a[$ab * (nb - 1)..], &[]) } else { 0.0 };
+                    out[r + k] = _mm512_reduce_add_ps(acc[k]) + extra[k] + last;
                 }
-                r += group;
+                r += ROWS;
+            }
+            for (k, o) in out[r..].iter_mut().enumerate() {
+                *o = $dot(&w[(r + k) * row_bytes..(r + k + 1) * row_bytes], a, &[]);
             }
         }
     };
 }
 
-gemv_float_512!(gemv_f_q4_0_512, 18, |pw| (_mm256_sub_epi8(nibbles(pw.add(2)), _mm256_set1_epi8(8)), h2f(pw), 0.0));
-gemv_float_512!(gemv_f_q4_1_512, 20, |pw| (nibbles(pw.add(4)), h2f(pw), h2f(pw.add(2))));
-gemv_float_512!(gemv_f_q5_0_512, 22, |pw| {
-    let hi = _mm256_andnot_si256(bits_to_bytes(pw.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
-    (_mm256_or_si256(nibbles(pw.add(6)), hi), h2f(pw), 0.0)
-});
-gemv_float_512!(gemv_f_q8_0_512, 34, |pw| (_mm256_loadu_si256(pw.add(2) as *const __m256i), h2f(pw), 0.0));
+loops512!(q4_0, 18, Q8_0_BYTES, 2, 8, false, dot_q4_0_vnni, gemv_q4_0_512);
+loops512!(q4_1, 20, Q8_1_BYTES, 4, 0, true, dot_q4_1_vnni, gemv_q4_1_512);
+loops512!(q5_0, 22, Q8_0_BYTES, 2, 16, false, dot_q5_0_vnni, gemv_q5_0_512);
+loops512!(q8_0, 34, Q8_0_BYTES, 2, 128, false, dot_q8_0_vnni, gemv_q8_0_512);
