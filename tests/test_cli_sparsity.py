@@ -36,6 +36,7 @@ def test_calibrate_then_generate(tmp_path):
     m = model_dir(CLI_MODEL)
     r = cli("calibrate", m, "--text", text, "--density", "0.5", "-o", out)
     assert r.returncode == 0, r.stderr
+    assert "calibrate: 100%" in r.stderr, r.stderr  # the progress bar, finished
     doc = json.loads(out.read_text())
     assert doc["format"] == "tda-engine-thresholds" and doc["meta"]["density"] == 0.5
     r = cli("generate", m, "The river", "--max-new-tokens", "4", "--sparsity", f"tda:{out}", "--stats")
@@ -72,6 +73,9 @@ def test_eval_prints_a_table_and_json(tmp_path):
     assert r.returncode == 0, r.stderr
     for name in ("dense", "tda:0.5", "griffin:0.5", "tda-budget:0.5", "perplexity"):
         assert name in r.stdout, r.stdout
+    # A progress bar per phase on stderr, each finished.
+    for phase in ("calibrate densities", "calibrate budget 0.5", "score"):
+        assert f"{phase}: 100%" in r.stderr, r.stderr
     res = json.loads(js.read_text())
     rows = {row["name"]: row for row in res["rows"]}
     assert rows["dense"]["ppl_ratio"] == 1.0 and rows["dense"]["density"] == 1.0

@@ -270,6 +270,53 @@ def test_quality_budget_calibration(engine_for):
     assert loose.report["kept_fraction"] < 1.0
 
 
+def test_calibration_reports_progress_and_stops_cleanly(engine_for):
+    import signal
+
+    name = SPARSE_MODELS[0]
+    eng = engine_for(name)
+    plain = {}
+    for kw in ({"density": 0.5}, {"max_ppl_increase": 0.5}):
+        calls = []
+        th = eng.calibrate(CORPUS * 12, progress=lambda done, total, calls=calls: calls.append((done, total)), **kw)
+        totals = {t for _, t in calls}
+        assert len(totals) == 1, f"{kw}: the total changed: {sorted(totals)}"
+        total = totals.pop()
+        # One call before each step and one at the end: 0, 1, ..., total.
+        assert [d for d, _ in calls] == list(range(total + 1)), kw
+        plain[next(iter(kw))] = eng.calibrate(CORPUS * 12, **kw).values
+        assert th.values == plain[next(iter(kw))], f"{kw}: progress changed the result"
+
+    # What the callback raises stops the calibration and propagates; the engine stays usable.
+    class Stop(Exception):
+        pass
+
+    def stop_at(n, exc):
+        def cb(done, total):
+            if done == n:
+                raise exc
+
+        return cb
+
+    with pytest.raises(Stop):
+        eng.calibrate(CORPUS * 12, max_ppl_increase=0.5, progress=stop_at(2, Stop()))
+    with pytest.raises(KeyboardInterrupt):
+        eng.calibrate_densities(CORPUS * 12, [0.5], progress=stop_at(1, KeyboardInterrupt()))
+
+    # Ctrl-C: SIGINT while calibrating (no callback needed) stops it with KeyboardInterrupt.
+    def sigint(done, total):
+        if done == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        eng.calibrate(CORPUS * 12, density=0.5, progress=sigint)
+    ids = sref(name)["ids"][:10].tolist()
+    assert len(eng.generate(ids, max_new_tokens=3).token_ids) == 3
+    assert eng.calibrate(CORPUS * 12, density=0.5).values == plain["density"]
+    with pytest.raises(TypeError, match="progress must be a callable"):
+        eng.calibrate(CORPUS, density=0.5, progress=3)
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +138,12 @@ class Stream:
     def close(self) -> None:
         """Stops the generation early."""
         self._native.close()
+
+
+def _check_progress(progress):
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable (done, total) or None, got {type(progress).__name__}")
+    return progress
 
 
 def _is_int(x: Any) -> bool:
@@ -371,6 +377,7 @@ class Engine:
         max_ppl_increase: float | None = None,
         lengths: Sequence[int] | None = None,
         max_windows: int | None = None,
+        progress: Callable[[int, int], Any] | None = None,
     ) -> Thresholds:
         """Calibrates TDA thresholds for this model; give exactly one target.
 
@@ -383,6 +390,10 @@ class Engine:
         times dense; the findings are in ``.report``.
         ``texts``: a str or a list of str; None uses the project's built-in calibration corpus.
         ``max_windows``: at most this many calibration windows (default 8).
+        ``progress``: called as ``progress(done, total)`` with the windows and search steps done
+        (from the calibrating thread, the GIL held). Ctrl-C stops the calibration with
+        ``KeyboardInterrupt``, and an exception raised by ``progress`` stops it too and propagates;
+        the engine stays usable.
         """
         if texts is None:
             texts = []
@@ -405,7 +416,9 @@ class Engine:
                 raise ValueError(f"lengths must be a non-empty list of ints >= 1, got {lengths!r}")
         if max_windows is not None and (not _is_int(max_windows) or max_windows < 1):
             raise ValueError(f"max_windows must be an int >= 1, got {max_windows!r}")
-        doc, report = self._n.calibrate(list(texts), density, max_ppl_increase, lengths, max_windows)
+        doc, report = self._n.calibrate(
+            list(texts), density, max_ppl_increase, lengths, max_windows, _check_progress(progress)
+        )
         th = Thresholds.from_dict(json.loads(doc))
         th.meta.setdefault("model", os.path.basename(self._path.rstrip("/")) or self._path)
         th.report = dict(report) if report is not None else None
@@ -417,12 +430,13 @@ class Engine:
         densities: Sequence[float],
         lengths: Sequence[int] | None = None,
         max_windows: int | None = None,
+        progress: Callable[[int, int], Any] | None = None,
     ) -> list[Thresholds]:
         """:meth:`calibrate` with ``density=`` for several densities, from one pass over the text."""
         texts = [] if texts is None else [texts] if isinstance(texts, str) else list(texts)
         dens = [_check_density(d) for d in densities]
         docs = self._n.calibrate_densities(
-            texts, dens, None if lengths is None else [int(x) for x in lengths], max_windows
+            texts, dens, None if lengths is None else [int(x) for x in lengths], max_windows, _check_progress(progress)
         )
         return [Thresholds.from_dict(json.loads(d)) for d in docs]
 

@@ -381,11 +381,42 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
+class _Bars:
+    """Progress bars on stderr (tqdm), one per phase of long work: ``bars(phase, done, total)``."""
+
+    def __init__(self):
+        self.bars: dict = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = tqdm(total=total, desc=phase, file=sys.stderr, unit="step", dynamic_ncols=True)
+        bar.total = total
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     texts = [_read_text(p) for p in args.text] if args.text else None
     engine = _load_engine(args)
     t0 = time.perf_counter()
-    th = engine.calibrate(texts, density=args.density, max_ppl_increase=args.max_ppl_increase)
+    bars = _Bars()
+    try:
+        th = engine.calibrate(
+            texts,
+            density=args.density,
+            max_ppl_increase=args.max_ppl_increase,
+            progress=lambda done, total: bars("calibrate", done, total),
+        )
+    finally:
+        bars.close()
     th.save(args.output)
     msg = f"wrote {args.output}: {th.num_layers} layers, calibrated in {time.perf_counter() - t0:.1f} s"
     if th.report:
@@ -410,18 +441,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise CliError(f"--methods: unknown method(s) {bad}; expected tda, griffin")
     engine = _load_engine(args)
     log = (lambda m: print(m, file=sys.stderr)) if sys.stderr else (lambda m: None)
-    result = evaluate(
-        engine,
-        text,
-        densities=_floats(args.densities, "--densities"),
-        budgets=_floats(args.budgets, "--budgets"),
-        methods=methods,
-        window=args.window,
-        prefix=args.prefix,
-        max_windows=args.windows,
-        calibration_fraction=args.calibration_fraction,
-        log=log,
-    )
+    bars = _Bars()
+    try:
+        result = evaluate(
+            engine,
+            text,
+            densities=_floats(args.densities, "--densities"),
+            budgets=_floats(args.budgets, "--budgets"),
+            methods=methods,
+            window=args.window,
+            prefix=args.prefix,
+            max_windows=args.windows,
+            calibration_fraction=args.calibration_fraction,
+            log=log,
+            progress=bars,
+        )
+    finally:
+        bars.close()
     result["model_path"] = args.model
     print(format_table(result))
     if args.length_check:

@@ -55,8 +55,18 @@ def evaluate(
     calibration_fraction: float = 0.2,
     calibration_text: str | None = None,
     log=print,
+    progress=None,
 ) -> dict:
-    """Runs the protocol above; returns a JSON-able dict (see :func:`format_table`)."""
+    """Runs the protocol above; returns a JSON-able dict (see :func:`format_table`).
+
+    ``progress``, if given, is called as ``progress(phase, done, total)``: each calibration (phase
+    ``"calibrate densities"``, ``"calibrate budget B"``) with its windows and search steps, then
+    ``"score"`` with the windows scored. Ctrl-C (``KeyboardInterrupt``) or an exception from
+    ``progress`` stops the evaluation."""
+
+    def phase(name: str):
+        return None if progress is None else (lambda done, total: progress(name, done, total))
+
     if not 0 < prefix < window:
         raise ValueError(f"prefix must be in [1, window - 1], got prefix={prefix}, window={window}")
     if calibration_text is None:
@@ -76,13 +86,13 @@ def evaluate(
     specs: list[tuple[str, str, float | None, Sparsity]] = [("dense", "dense", 1.0, Sparsity.dense())]
     t0 = time.perf_counter()
     if "tda" in methods and densities:
-        ths = engine.calibrate_densities(calib_texts, list(densities))
+        ths = engine.calibrate_densities(calib_texts, list(densities), progress=phase("calibrate densities"))
         specs += [(f"tda:{d:g}", "tda", d, Sparsity.tda(thresholds=t)) for d, t in zip(densities, ths, strict=False)]
     if "griffin" in methods:
         specs += [(f"griffin:{d:g}", "griffin", d, Sparsity.griffin(d)) for d in densities]
     budget_reports = {}
     for b in budgets:
-        th = engine.calibrate(calib_texts, max_ppl_increase=b)
+        th = engine.calibrate(calib_texts, max_ppl_increase=b, progress=phase(f"calibrate budget {b:g}"))
         budget_reports[f"tda-budget:{b:g}"] = th.report
         specs.append((f"tda-budget:{b:g}", "tda-budget", None, Sparsity.tda(thresholds=th)))
     calib_s = time.perf_counter() - t0
@@ -92,13 +102,18 @@ def evaluate(
     count = 0
     kept = np.zeros((len(specs), layers))
     t0 = time.perf_counter()
+    scoring = phase("score")
     for wi, ids in enumerate(wins):
+        if scoring:
+            scoring(wi, len(wins))
         res = engine.score_many(ids, prefix, [s for *_, s in specs])
         for si, (lp, active) in enumerate(res):
             nll[si] -= float(np.sum(lp, dtype=np.float64))
             kept[si] += np.asarray(active, dtype=np.float64) / n
         count += len(ids) - prefix
         log(f"  window {wi + 1}/{len(wins)}: dense ppl so far {math.exp(nll[0] / count):.3f}")
+    if scoring:
+        scoring(len(wins), len(wins))
     score_s = time.perf_counter() - t0
     kept /= len(wins)
 

@@ -30,7 +30,7 @@ use tda_bench::machine;
 use tda_core::kernels::Draw;
 use tda_core::load::synthetic::{preset_config, RandomWeights, PRESETS};
 use tda_core::model::{FfnMode, Logits, Model, State};
-use tda_core::sparsity::calibrate::LengthProfile;
+use tda_core::sparsity::calibrate::{LengthProfile, Progress};
 use tda_core::{Engine, Sparsity};
 
 struct Args {
@@ -190,7 +190,8 @@ fn main() {
         let p = args.prompt_tokens;
         let mut st = model.new_state(p, p + args.new_tokens + 1).unwrap_or_else(|e| fail(e));
         let windows: Vec<Vec<u32>> = (1..=4).map(|s| tokens(p, vocab, s)).collect();
-        let profile = LengthProfile::collect(model, &mut st, &windows, &[p]).unwrap_or_else(|e| fail(e));
+        let profile = LengthProfile::collect(model, &mut st, &windows, &[p], &mut Progress::new(None))
+            .unwrap_or_else(|e| fail(e));
         let specs: Vec<(String, Sparsity)> =
             args.sparsity.iter().map(|s| (s.clone(), spec(s, &profile, layers))).collect();
         let prompt = tokens(p, vocab, 0);

@@ -11,7 +11,9 @@ use crate::load::tokenizer::{builtin_chat_template, TextTokenizer};
 use crate::load::{gguf, gguf_tokenizer, Precision};
 use crate::model::{FfnMode, Logits, Model, State};
 use crate::quant::QType;
-use crate::sparsity::calibrate::{budget_search, windows, BudgetReport, LengthProfile, DEFAULT_LENGTHS};
+use crate::sparsity::calibrate::{
+    budget_search, windows, BudgetReport, LengthProfile, Progress, ProgressFn, BUDGET_STEPS, DEFAULT_LENGTHS,
+};
 use crate::sparsity::corpus::DEFAULT_CORPUS;
 use crate::sparsity::spec::check_density;
 use crate::sparsity::{NeuronStats, Prefixed, Sparsity, Thresholds};
@@ -292,17 +294,19 @@ pub enum CalibrationTarget {
     MaxPplIncrease(f64),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CalibrationOptions {
     /// Prompt lengths at which thresholds are calibrated; one length gives length-independent
     /// thresholds (plain quantile calibration).
     pub lengths: Vec<usize>,
     pub max_windows: usize,
+    /// Told `(done, total)` windows and search steps as calibration goes; its error stops it.
+    pub progress: Option<ProgressFn>,
 }
 
 impl Default for CalibrationOptions {
     fn default() -> Self {
-        Self { lengths: DEFAULT_LENGTHS.to_vec(), max_windows: CALIBRATION_WINDOWS }
+        Self { lengths: DEFAULT_LENGTHS.to_vec(), max_windows: CALIBRATION_WINDOWS, progress: None }
     }
 }
 
@@ -347,7 +351,7 @@ impl Engine {
             return Ok(p.clone());
         }
         let tokens = self.tokenize(DEFAULT_CORPUS, false)?;
-        let p = Arc::new(self.profile(&tokens, &CalibrationOptions::default())?);
+        let p = Arc::new(self.profile(&tokens, &CalibrationOptions::default(), &mut Progress::new(None))?);
         *guard = Some(p.clone());
         Ok(p)
     }
@@ -365,7 +369,7 @@ impl Engine {
         want.min(self.config().max_position_embeddings.saturating_sub(1)).max(1)
     }
 
-    fn profile(&self, tokens: &[u32], opts: &CalibrationOptions) -> Result<LengthProfile> {
+    fn profile(&self, tokens: &[u32], opts: &CalibrationOptions, progress: &mut Progress) -> Result<LengthProfile> {
         let mut lengths = opts.lengths.clone();
         lengths.sort_unstable();
         lengths.dedup();
@@ -389,7 +393,7 @@ impl Engine {
         }
         let model = &self.shared.model;
         let mut st = model.take_state(len, len)?;
-        let r = LengthProfile::collect(model, &mut st, &wins, &lengths);
+        let r = LengthProfile::collect(model, &mut st, &wins, &lengths, progress);
         model.return_state(st);
         r
     }
@@ -426,8 +430,11 @@ impl Engine {
                         vlen + longest
                     )));
                 }
-                let profile = self.profile(&tokens[..split], opts)?;
-                let (mut t, report) = budget_search(&self.shared.model, &profile, &val, vlen / 2, b)?;
+                let mut progress = Progress::new(opts.progress.clone());
+                progress.add_total(val.len() + BUDGET_STEPS);
+                let profile = self.profile(&tokens[..split], opts, &mut progress)?;
+                let (mut t, report) = budget_search(&self.shared.model, &profile, &val, vlen / 2, b, &mut progress)?;
+                progress.finish()?;
                 if let Some(m) = t.meta.as_object_mut() {
                     m.insert("text".into(), json!(source));
                     m.insert("text_tokens".into(), json!(tokens.len()));
@@ -455,7 +462,9 @@ impl Engine {
     ) -> Result<Vec<Thresholds>> {
         densities.iter().try_for_each(|&d| check_density(d))?;
         let (tokens, source) = self.calibration_tokens(texts)?;
-        let profile = self.profile(&tokens, opts)?;
+        let mut progress = Progress::new(opts.progress.clone());
+        let profile = self.profile(&tokens, opts, &mut progress)?;
+        progress.finish()?;
         Ok(densities
             .iter()
             .map(|&d| {

@@ -16,6 +16,10 @@ pub enum Error {
     /// A device ran out of memory (Python: `MemoryError`); the engine stays usable.
     #[error("{0}")]
     OutOfMemory(String),
+    /// The caller stopped the work (a progress function's error; Python: `KeyboardInterrupt`
+    /// unless the callback raised something else, which is raised instead).
+    #[error("{0}")]
+    Cancelled(String),
     /// Something that should not happen; a bug rather than bad input (Python: `RuntimeError`).
     #[error("internal error: {0}")]
     Internal(String),

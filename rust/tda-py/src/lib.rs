@@ -2,13 +2,16 @@
 //! released around all compute, and no Rust panic crossing into Python.
 
 use numpy::{PyArray1, PyArrayMethods};
-use pyo3::exceptions::{PyFileNotFoundError, PyMemoryError, PyRuntimeError, PyStopIteration, PyValueError};
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyKeyboardInterrupt, PyMemoryError, PyRuntimeError, PyStopIteration, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tda_core::engine::{CalibrationOptions, CalibrationTarget};
+use tda_core::sparsity::calibrate::ProgressFn;
 use tda_core::{Error, GenerateOptions, Generation, GenerationOutput, Sparsity, Thresholds};
 
 /// The one place core errors become Python exceptions.
@@ -17,6 +20,7 @@ fn to_py(e: Error) -> PyErr {
         Error::NotFound(m) => PyFileNotFoundError::new_err(m),
         Error::InvalidModel(m) | Error::InvalidArgument(m) => PyValueError::new_err(m),
         Error::OutOfMemory(m) => PyMemoryError::new_err(m),
+        Error::Cancelled(m) => PyKeyboardInterrupt::new_err(m),
         Error::Internal(m) => PyRuntimeError::new_err(format!("internal error: {m}")),
     }
 }
@@ -96,7 +100,43 @@ fn sparsity_from(s: PySparsity) -> PyResult<Sparsity> {
 
 fn calibration_options(lengths: Option<Vec<usize>>, max_windows: Option<usize>) -> CalibrationOptions {
     let d = CalibrationOptions::default();
-    CalibrationOptions { lengths: lengths.unwrap_or(d.lengths), max_windows: max_windows.unwrap_or(d.max_windows) }
+    CalibrationOptions {
+        lengths: lengths.unwrap_or(d.lengths),
+        max_windows: max_windows.unwrap_or(d.max_windows),
+        progress: None,
+    }
+}
+
+/// Runs long work `f` without the GIL, handing it a progress function that takes the GIL at each
+/// step to check for Ctrl-C and to call `callback(done, total)` (if given). What either raises
+/// stops the work, and is raised here once it has returned (the engine keeps no half-made state:
+/// calibration only returns thresholds).
+fn compute_with_progress<T: Send>(
+    py: Python<'_>,
+    callback: Option<Py<PyAny>>,
+    f: impl FnOnce(ProgressFn) -> tda_core::Result<T> + Send,
+) -> PyResult<T> {
+    let raised: Arc<Mutex<Option<PyErr>>> = Arc::default();
+    let keep = raised.clone();
+    let progress: ProgressFn = Arc::new(move |done, total| {
+        Python::attach(|py| -> PyResult<()> {
+            py.check_signals()?;
+            if let Some(cb) = &callback {
+                cb.call1(py, (done, total))?;
+            }
+            Ok(())
+        })
+        .map_err(|e| {
+            *keep.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            Error::Cancelled("calibration stopped".into())
+        })
+    });
+    let r = compute(py, || f(progress));
+    let pending = raised.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match pending {
+        Some(e) if r.is_err() => Err(e),
+        _ => r,
+    }
 }
 
 impl PyOptions {
@@ -278,7 +318,7 @@ impl Engine {
     }
 
     /// Calibrates TDA thresholds; returns (thresholds JSON, report dict or None).
-    #[pyo3(signature = (texts, density = None, max_ppl_increase = None, lengths = None, max_windows = None))]
+    #[pyo3(signature = (texts, density = None, max_ppl_increase = None, lengths = None, max_windows = None, progress = None))]
     fn calibrate<'py>(
         &self,
         py: Python<'py>,
@@ -287,6 +327,7 @@ impl Engine {
         max_ppl_increase: Option<f64>,
         lengths: Option<Vec<usize>>,
         max_windows: Option<usize>,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<(String, Option<Bound<'py, PyDict>>)> {
         let target = match (density, max_ppl_increase) {
             (Some(d), None) => CalibrationTarget::Density(d),
@@ -294,7 +335,9 @@ impl Engine {
             _ => return Err(PyValueError::new_err("give exactly one of density= and max_ppl_increase=")),
         };
         let opts = calibration_options(lengths, max_windows);
-        let (th, report) = compute(py, || self.inner.calibrate(&texts, target, &opts))?;
+        let (th, report) = compute_with_progress(py, progress, |p| {
+            self.inner.calibrate(&texts, target, &CalibrationOptions { progress: Some(p), ..opts })
+        })?;
         let report = report
             .map(|r| -> PyResult<Bound<'py, PyDict>> {
                 let d = PyDict::new(py);
@@ -312,7 +355,7 @@ impl Engine {
     }
 
     /// Density calibration for several densities in one pass; a list of thresholds JSON.
-    #[pyo3(signature = (texts, densities, lengths = None, max_windows = None))]
+    #[pyo3(signature = (texts, densities, lengths = None, max_windows = None, progress = None))]
     fn calibrate_densities(
         &self,
         py: Python<'_>,
@@ -320,9 +363,12 @@ impl Engine {
         densities: Vec<f64>,
         lengths: Option<Vec<usize>>,
         max_windows: Option<usize>,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<Vec<String>> {
         let opts = calibration_options(lengths, max_windows);
-        let th = compute(py, || self.inner.calibrate_densities(&texts, &densities, &opts))?;
+        let th = compute_with_progress(py, progress, |p| {
+            self.inner.calibrate_densities(&texts, &densities, &CalibrationOptions { progress: Some(p), ..opts })
+        })?;
         Ok(th.into_iter().map(|t| t.to_json().to_string()).collect())
     }
 

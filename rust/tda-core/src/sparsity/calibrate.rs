@@ -26,6 +26,40 @@ use crate::model::{FfnMode, Logits, Model, State};
 use serde_json::json;
 use std::sync::Arc;
 
+/// A caller's function told how far long work has got, as `(done, total)` steps. An error from it
+/// stops the work and is returned as is: how a caller cancels (Ctrl-C in Python).
+pub type ProgressFn = Arc<dyn Fn(usize, usize) -> Result<()> + Send + Sync>;
+
+/// Counts the steps of long work and reports each one to the caller's [`ProgressFn`], if any.
+pub struct Progress {
+    report: Option<ProgressFn>,
+    done: usize,
+    total: usize,
+}
+
+impl Progress {
+    pub fn new(report: Option<ProgressFn>) -> Self {
+        Self { report, done: 0, total: 0 }
+    }
+
+    /// `n` more steps to come.
+    pub fn add_total(&mut self, n: usize) {
+        self.total += n;
+    }
+
+    /// One step begins: reports the steps done before it.
+    pub fn step(&mut self) -> Result<()> {
+        let r = self.report.as_ref().map_or(Ok(()), |f| f(self.done, self.total));
+        self.done += 1;
+        r
+    }
+
+    /// The work is over: reports every step done.
+    pub fn finish(&mut self) -> Result<()> {
+        self.report.as_ref().map_or(Ok(()), |f| f(self.done, self.total))
+    }
+}
+
 /// Prompt lengths at which scores are pooled by default.
 pub const DEFAULT_LENGTHS: [usize; 6] = [16, 32, 64, 128, 256, 512];
 
@@ -39,7 +73,13 @@ pub struct LengthProfile {
 impl LengthProfile {
     /// Runs every window densely, prefix by prefix, and pools each layer's TDA scores at each
     /// length of `lengths` that the window reaches. Windows must start like a prompt (with BOS).
-    pub fn collect(model: &Model, st: &mut State, windows: &[Vec<u32>], lengths: &[usize]) -> Result<Self> {
+    pub fn collect(
+        model: &Model,
+        st: &mut State,
+        windows: &[Vec<u32>],
+        lengths: &[usize],
+        progress: &mut Progress,
+    ) -> Result<Self> {
         let layers = model.cfg.num_layers;
         let longest = windows.iter().map(Vec::len).max().unwrap_or(0);
         let lengths: Vec<usize> = lengths.iter().copied().filter(|&l| l <= longest).collect();
@@ -52,7 +92,9 @@ impl LengthProfile {
         }
         let mut pooled = vec![vec![Vec::new(); layers]; lengths.len()];
         let mut scores = Vec::new();
+        progress.add_total(windows.len());
         for w in windows {
+            progress.step()?;
             st.stats.reset();
             let mut done = 0;
             for (li, &len) in lengths.iter().enumerate() {
@@ -119,13 +161,18 @@ pub struct BudgetReport {
 const GRID: [f64; 20] =
     [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0];
 
+/// Steps of [`budget_search`] after its validation windows: the bisection's evaluations.
+pub const BUDGET_STEPS: usize = 14;
+
 /// Quality-budget calibration over validation windows (`prefix` dense tokens, the rest scored).
+/// `progress` counts a step per validation window and per bisection step ([`BUDGET_STEPS`]).
 pub fn budget_search(
     model: &Arc<Model>,
     profile: &LengthProfile,
     validation: &[Vec<u32>],
     prefix: usize,
     max_increase: f64,
+    progress: &mut Progress,
 ) -> Result<(Thresholds, BudgetReport)> {
     if !(max_increase > 0.0 && max_increase.is_finite()) {
         return Err(Error::arg(format!("max_ppl_increase must be > 0, got {max_increase}")));
@@ -141,6 +188,7 @@ pub fn budget_search(
     let mut taus = Vec::new();
     let grid_thresholds: Vec<Thresholds> = GRID.iter().map(|&d| profile.thresholds(&vec![d; layers])).collect();
     for w in validation {
+        progress.step()?;
         let mut p = Prefixed::new(model, w, prefix)?;
         let (lp, energy) = p.dense_energy()?;
         dense_lp += lp.iter().map(|&x| x as f64).sum::<f64>();
@@ -191,7 +239,8 @@ pub fn budget_search(
     let (mut lo, mut hi) = (-4f64, 8f64);
     let mut best = (vec![1.0; layers], ppl_dense, 1.0);
     let mut last: Option<(Vec<f64>, bool)> = None;
-    for _ in 0..14 {
+    for _ in 0..BUDGET_STEPS {
+        progress.step()?;
         let mid = 0.5 * (lo + hi);
         let dens = choose(10f64.powf(mid));
         let ok = match &last {
