@@ -762,13 +762,10 @@ pub fn gemv_with(k: &Kernels, w: WeightSlice<'_>, cols: usize, x: &[f32], out: &
     with_acts(k, &[w], &x[..cols], |x| gemv_acts(k, w, cols, x, out))
 }
 
-/// `out = W x` for a quantized `W` with f32 activations (weights widened in registers, no
-/// activation rounding), on `k`'s loops, over all threads.
-pub fn gemv_float_acts_with(k: &Kernels, w: QSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
-    let (rows, bpr) = (out.len(), cols / w.qtype().block());
-    // SAFETY: as in `Kernels::dot`; each chunk's rows lie inside the matrix.
-    let run =
-        |r0: usize, out: &mut [f32]| unsafe { (k.gemv_qf)(w.blocks(r0 * bpr..(r0 + out.len()) * bpr), cols, x, out) };
+/// `run(r0, chunk)` over chunks of `out` (the rows of a `cols`-wide matrix from `r0` on): on this
+/// thread when the product is small, else in parallel chunks of at least [`MIN_PARALLEL_WORK`].
+fn over_row_chunks(cols: usize, out: &mut [f32], run: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = out.len();
     if rows * cols < 2 * MIN_PARALLEL_WORK {
         return run(0, out);
     }
@@ -776,33 +773,28 @@ pub fn gemv_float_acts_with(k: &Kernels, w: QSlice<'_>, cols: usize, x: &[f32], 
     out.par_chunks_mut(rows_per_task).enumerate().for_each(|(c, chunk)| run(c * rows_per_task, chunk));
 }
 
+/// `out = W x` for a quantized `W` with f32 activations (weights widened in registers, no
+/// activation rounding), on `k`'s loops, over all threads.
+pub fn gemv_float_acts_with(k: &Kernels, w: QSlice<'_>, cols: usize, x: &[f32], out: &mut [f32]) {
+    let bpr = cols / w.qtype().block();
+    // SAFETY: as in `Kernels::dot`; each chunk's rows lie inside the matrix.
+    over_row_chunks(cols, out, |r0, out| unsafe {
+        (k.gemv_qf)(w.blocks(r0 * bpr..(r0 + out.len()) * bpr), cols, x, out)
+    });
+}
+
 fn gemv_acts(k: &Kernels, w: WeightSlice<'_>, cols: usize, x: &Acts<'_>, out: &mut [f32]) {
-    let rows = out.len();
     if let WeightSlice::Q(q) = w {
         let (bpr, acts) = (cols / q.qtype().block(), x.q[q.qtype().acts().index()].expect("quantized activations"));
         // SAFETY: as in `Kernels::dot`; each chunk's rows lie inside the matrix.
-        let run = |r0: usize, out: &mut [f32]| unsafe {
+        return over_row_chunks(cols, out, |r0, out| unsafe {
             (k.gemv_q)(q.blocks(r0 * bpr..(r0 + out.len()) * bpr), cols, acts, out)
-        };
-        if rows * cols < 2 * MIN_PARALLEL_WORK {
-            return run(0, out);
-        }
-        let rows_per_task = (MIN_PARALLEL_WORK / cols.max(1)).clamp(4, rows.div_ceil(rayon::current_num_threads()));
-        out.par_chunks_mut(rows_per_task).enumerate().for_each(|(c, chunk)| run(c * rows_per_task, chunk));
-        return;
+        });
     }
-    let row_dot = |r: usize| k.row_dot_acts(w, r, cols, x, r + 1..rows);
-    if rows * cols < 2 * MIN_PARALLEL_WORK {
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = row_dot(r);
-        }
-        return;
-    }
-    let rows_per_task = (MIN_PARALLEL_WORK / cols.max(1)).clamp(4, rows.div_ceil(rayon::current_num_threads()));
-    out.par_chunks_mut(rows_per_task).enumerate().for_each(|(c, chunk)| {
-        let r0 = c * rows_per_task;
+    let rows = out.len();
+    over_row_chunks(cols, out, |r0, chunk| {
         for (i, o) in chunk.iter_mut().enumerate() {
-            *o = row_dot(r0 + i);
+            *o = k.row_dot_acts(w, r0 + i, cols, x, r0 + i + 1..rows);
         }
     });
 }
