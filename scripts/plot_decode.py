@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
-"""Plot of decode speed against FFN density, per dtype, with the roofline (BENCHMARKS.md).
+"""Plot of decode speed against the FFN bytes read, per dtype, with the roofline (BENCHMARKS.md).
 
 Input: the output of the ``decode`` benchmark binary (its JSON lines; other lines are skipped),
 one file per model. Output: ``docs/decode_density.png``, a panel per model: decode tok/s against
-the fraction of FFN neurons kept (dense = 1), a solid line per dtype through the TDA points
-(GRIFFIN as separate squares), and dashed, the roofline: the streaming read bandwidth measured
-around each configuration divided by the weight bytes that configuration reads per token.
+the FFN weight bytes a decoded token reads, as the kernels counted them (dense = 1), a solid line
+per dtype through the TDA points (GRIFFIN squares, CATS and hybrid triangles, all measured with the
+real kernels), and dashed, the roofline: the streaming read bandwidth measured around each
+configuration divided by the weight bytes that configuration reads per token.
 
     pip install matplotlib     # not a dependency of tda-engine
     cargo run --release -p tda-bench --bin decode -- --preset llama-2-7b --layers 4 \\
-        --dtype f32,bf16 --sparsity dense,tda:0.7,tda:0.5,tda:0.3,griffin:0.5 > llama.txt
+        --dtype f32,bf16 --sparsity dense,tda:0.7,tda:0.5,cats:0.5,hybrid:0.9,0.5 > llama.txt
     python scripts/plot_decode.py llama.txt smollm2.txt
 """
 
@@ -39,22 +40,39 @@ def rows(path: str) -> list[dict]:
     return out
 
 
+def ffn_bytes(r: dict) -> float:
+    """FFN bytes read per decoded token (older files: the kept fraction)."""
+    return r.get("ffn_bytes", r["ffn_kept_fraction"])
+
+
+MARKERS = {"tda": "o", "dense": "o", "griffin": "s", "cats": "^", "hybrid": "v"}
+
+
 def panel(ax, data: list[dict]) -> None:
     for dtype in dict.fromkeys(r["dtype"] for r in data):
         mine = [r for r in data if r["dtype"] == dtype]
-        tda = sorted((r for r in mine if not r["sparsity"].startswith("griffin")), key=lambda r: r["ffn_kept_fraction"])
         c = COLORS.get(dtype, "black")
-        x = [r["ffn_kept_fraction"] for r in tda]
-        ax.plot(x, [r["decode_tok_s"] for r in tda], "o-", color=c, label=f"{dtype} (TDA, dense at 1)")
-        roof = [r["roofline_gb_s"] * 1e9 / r["weight_bytes_per_token"] for r in tda]
+        line = sorted((r for r in mine if r["sparsity"].split(":")[0] in ("tda", "dense")), key=ffn_bytes)
+        x = [ffn_bytes(r) for r in line]
+        ax.plot(x, [r["decode_tok_s"] for r in line], "o-", color=c, label=f"{dtype} (TDA, dense at 1)")
+        roof = [r["roofline_gb_s"] * 1e9 / r["weight_bytes_per_token"] for r in line]
         ax.plot(x, roof, "--", color=c, alpha=0.7, label=f"{dtype} roofline")
-        g = [r for r in mine if r["sparsity"].startswith("griffin")]
-        if g:
-            ax.plot([r["ffn_kept_fraction"] for r in g], [r["decode_tok_s"] for r in g], "s", color=c, mfc="none")
+        for method in ("griffin", "cats", "hybrid"):
+            pts = [r for r in mine if r["sparsity"].startswith(method)]
+            if pts:
+                ax.plot(
+                    [ffn_bytes(r) for r in pts],
+                    [r["decode_tok_s"] for r in pts],
+                    MARKERS[method],
+                    color=c,
+                    mfc="none",
+                    ms=8,
+                    label=f"{dtype} {method}",
+                )
     m = data[0]
     layers = f", {m['layers_override']} layers" if m.get("layers_override") else ""
     ax.set_title(f"{m['model']}{layers}, {m['threads']} threads")
-    ax.set_xlabel("FFN neurons kept (fraction)")
+    ax.set_xlabel("FFN weight bytes read per decoded token (fraction of dense)")
     ax.set_ylabel("decode tok/s")
     ax.set_xlim(0, 1.05)
     ax.set_ylim(bottom=0)
@@ -68,7 +86,7 @@ def main(paths: list[str]) -> None:
     fig, axes = plt.subplots(1, len(paths), figsize=(5.5 * len(paths), 4.2), squeeze=False)
     for ax, p in zip(axes[0], paths, strict=True):
         panel(ax, rows(p))
-    fig.suptitle("Decode speed against FFN density (squares: GRIFFIN)", fontsize=10)
+    fig.suptitle("Decode speed against FFN bytes read (squares: GRIFFIN, triangles: CATS / hybrid)", fontsize=10)
     fig.tight_layout()
     fig.savefig(OUT, dpi=110)
     print(f"wrote {OUT}")

@@ -82,10 +82,14 @@ impl Backend for Timed {
         w: &FfnWeights<'_>,
         kept: Option<&[u32]>,
         keep_row: &[f32],
+        gate: f32,
         version: u64,
         scratch: &mut FfnScratch,
     ) -> Result<()> {
-        self.time("prepare_ffn", || self.inner.prepare_ffn(w, kept, keep_row, version, scratch))
+        self.time("prepare_ffn", || self.inner.prepare_ffn(w, kept, keep_row, gate, version, scratch))
+    }
+    fn ffn_counts(&self, scratch: &FfnScratch, version: u64) -> Option<(u64, u64)> {
+        self.inner.ffn_counts(scratch, version)
     }
     fn run_graph(&self, graphs: &mut Graphs, key: u64, enqueue: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         self.inner.run_graph(graphs, key, enqueue)
@@ -147,6 +151,17 @@ impl Backend for Timed {
     }
     fn observe(&self, a: &Buf, rows: usize, n: usize, acc: &mut Buf, offset: usize) -> Result<()> {
         self.time("observe", || self.inner.observe(a, rows, n, acc, offset))
+    }
+    fn sparse_act(
+        &self,
+        act: Activation,
+        a: &mut Buf,
+        u: &Buf,
+        rows: usize,
+        n: usize,
+        scratch: &mut FfnScratch,
+    ) -> Result<()> {
+        self.time("sparse_act", || self.inner.sparse_act(act, a, u, rows, n, scratch))
     }
     fn mask_cols(&self, a: &mut Buf, rows: usize, n: usize, scratch: &FfnScratch) -> Result<()> {
         self.time("mask_cols", || self.inner.mask_cols(a, rows, n, scratch))

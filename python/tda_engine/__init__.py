@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _native, models
-from .sparsity import Sparsity, Thresholds, _check_density
+from .sparsity import Sparsity, Thresholds, _check_density, _check_fraction
 
 __all__ = [
     "Engine",
@@ -86,7 +86,9 @@ class GenerationResult(_Record):
     ``"stop"`` (EOS, a stop token or a stop string) or ``"length"`` (max_new_tokens or the context).
     ``logprobs`` holds each generated token's log-probability under the model (before sampling
     adjustments) when requested with ``logprobs=True``. ``ffn_active`` lists, per layer, the FFN
-    neurons decoding computed (``intermediate_size`` for dense).
+    neurons decoding computed (``intermediate_size`` for dense; with a per-token gate, the superset
+    the gate ran over). ``ffn_bytes`` is the mean fraction of FFN weight bytes read per decoded
+    token, as the kernels counted them (1.0 for dense).
     """
 
     text: str
@@ -96,6 +98,7 @@ class GenerationResult(_Record):
     timings: Timings
     logprobs: list[float] | None = field(default=None)
     ffn_active: list[int] = field(default_factory=list)
+    ffn_bytes: float = 1.0
 
     @classmethod
     def _from_native(cls, d: Mapping[str, Any]) -> GenerationResult:
@@ -107,6 +110,7 @@ class GenerationResult(_Record):
             timings=Timings(d["prefill_s"], d["decode_s"], d["decode_tokens_per_s"]),
             logprobs=d["logprobs"],
             ffn_active=list(d["ffn_active"]),
+            ffn_bytes=float(d["ffn_bytes"]),
         )
 
 
@@ -378,16 +382,27 @@ class Engine:
         lengths: Sequence[int] | None = None,
         max_windows: int | None = None,
         progress: Callable[[int, int], Any] | None = None,
+        ffn_bytes: float | None = None,
+        method: str = "auto",
+        keep: float | None = None,
     ) -> Thresholds:
-        """Calibrates TDA thresholds for this model; give exactly one target.
+        """Calibrates sparsity thresholds for this model; give one target.
 
         ``density``: the fraction of each layer's neurons to keep. Windows of the text run densely
         and each layer's threshold is the ``1 - density`` quantile of the pooled scores, pooled
         separately at prompt lengths ``lengths`` (default 16 ... 512) so that the delivered density
         holds for short and long prompts alike.
-        ``max_ppl_increase``: per-layer thresholds that keep the fewest FFN weights while the
-        perplexity of held-out windows (the end of the text) stays within ``1 + max_ppl_increase``
-        times dense; the findings are in ``.report``.
+        ``keep``: a per-token gate (CATS) whose per-layer threshold lets the fraction ``keep`` of the
+        gate values of dense continuations of the text pass; with ``density`` too, the hybrid: the
+        gate runs over the prompt's TDA superset at ``density``, and ``keep`` is a fraction of it.
+        ``max_ppl_increase``: per-layer settings that read the fewest FFN bytes per decoded token
+        while the perplexity of held-out windows (the end of the text) stays within
+        ``1 + max_ppl_increase`` times dense; the findings are in ``.report``.
+        ``ffn_bytes``: per-layer settings with the lowest held-out perplexity that read at most this
+        fraction of the FFN bytes per decoded token (measured on the held-out windows).
+        ``method`` (budget targets only): the settings a layer may take: ``"tda"`` (the prompt's
+        superset), ``"cats"`` (the per-token gate over all neurons), or ``"auto"`` (either, or both
+        as the hybrid). The result is accepted as ``sparsity=`` and ``.save()``s.
         ``texts``: a str or a list of str; None uses the project's built-in calibration corpus.
         ``max_windows``: at most this many calibration windows (default 8).
         ``progress``: called as ``progress(done, total)`` with the windows and search steps done
@@ -401,10 +416,21 @@ class Engine:
             texts = [texts]
         elif not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"texts must be a str, a list of str, or None; got {type(texts).__name__}")
-        if (density is None) == (max_ppl_increase is None):
-            raise ValueError("calibrate() takes exactly one of density= and max_ppl_increase=")
+        if sum(x is not None for x in (density if keep is None else keep, max_ppl_increase, ffn_bytes)) != 1:
+            raise ValueError(
+                "calibrate() takes one of density= (TDA), keep= (CATS), density= and keep= (hybrid), "
+                "max_ppl_increase= and ffn_bytes="
+            )
+        if keep is not None:
+            keep = _check_fraction(keep, "keep")
         if density is not None:
             density = _check_density(density)
+        if ffn_bytes is not None:
+            ffn_bytes = _check_fraction(ffn_bytes, "ffn_bytes")
+        if not isinstance(method, str):
+            raise TypeError(f"method must be a str, got {type(method).__name__}")
+        if method.lower() not in ("auto", "tda", "cats"):
+            raise ValueError(f"method must be 'auto', 'tda' or 'cats', got {method!r}")
         if max_ppl_increase is not None:
             if isinstance(max_ppl_increase, bool) or not isinstance(max_ppl_increase, (int, float)):
                 raise TypeError(f"max_ppl_increase must be a number, got {type(max_ppl_increase).__name__}")
@@ -417,7 +443,15 @@ class Engine:
         if max_windows is not None and (not _is_int(max_windows) or max_windows < 1):
             raise ValueError(f"max_windows must be an int >= 1, got {max_windows!r}")
         doc, report = self._n.calibrate(
-            list(texts), density, max_ppl_increase, lengths, max_windows, _check_progress(progress)
+            list(texts),
+            density,
+            max_ppl_increase,
+            ffn_bytes,
+            keep,
+            method,
+            lengths,
+            max_windows,
+            _check_progress(progress),
         )
         th = Thresholds.from_dict(json.loads(doc))
         th.meta.setdefault("model", os.path.basename(self._path.rstrip("/")) or self._path)
@@ -440,26 +474,61 @@ class Engine:
         )
         return [Thresholds.from_dict(json.loads(d)) for d in docs]
 
+    def calibrate_gates(
+        self,
+        texts: str | Sequence[str] | None,
+        pairs: Sequence[tuple[float, float]],
+        lengths: Sequence[int] | None = None,
+        max_windows: int | None = None,
+        progress: Callable[[int, int], Any] | None = None,
+    ) -> list[Thresholds]:
+        """:meth:`calibrate` with ``keep=`` (and ``density=``) for several ``(density, keep)`` pairs
+        (density 1.0: CATS), from one pass over the text."""
+        texts = [] if texts is None else [texts] if isinstance(texts, str) else list(texts)
+        pairs = [(_check_density(d), _check_fraction(k, "keep")) for d, k in pairs]
+        docs = self._n.calibrate_gates(
+            texts, pairs, None if lengths is None else [int(x) for x in lengths], max_windows, _check_progress(progress)
+        )
+        return [Thresholds.from_dict(json.loads(d)) for d in docs]
+
     def default_thresholds(self, density: float) -> Thresholds:
         """The thresholds ``Sparsity.tda(density=...)`` uses: the engine's calibration on the
         built-in corpus, made once per engine."""
         return Thresholds.from_dict(json.loads(self._n.density_thresholds(_check_density(density))))
 
-    def score(self, ids: Sequence[int], prefix_len: int, sparsity: Sparsity | str | None = None):
+    def score(
+        self,
+        ids: Sequence[int],
+        prefix_len: int,
+        sparsity: Sparsity | str | None = None,
+        return_ffn_bytes: bool = False,
+    ):
         """Log-probabilities (float32 numpy array) of ``ids[prefix_len:]``: ``ids[:prefix_len]`` runs
         densely and chooses the mask, the first scored token comes from that dense prefix, and the
-        rest run with only the kept neurons (as decoding would, teacher-forced)."""
-        return self.score_many(ids, prefix_len, [sparsity])[0][0]
+        rest run with only the kept neurons, each token gated as decoding gates it (teacher-forced).
+        With ``return_ffn_bytes=True``, returns ``(log_probs, ffn_bytes)``: the mean fraction of FFN
+        weight bytes decoding would read per token, counted on the scored tokens."""
+        if not isinstance(return_ffn_bytes, bool):
+            raise TypeError(f"return_ffn_bytes must be a bool, got {type(return_ffn_bytes).__name__}")
+        lp, _, nbytes = self.score_many(ids, prefix_len, [sparsity], return_ffn_bytes=True)[0]
+        return (lp, nbytes) if return_ffn_bytes else lp
 
-    def score_many(self, ids: Sequence[int], prefix_len: int, sparsities: Sequence) -> list[tuple[Any, list[int]]]:
+    def score_many(
+        self, ids: Sequence[int], prefix_len: int, sparsities: Sequence, return_ffn_bytes: bool = False
+    ) -> list[tuple]:
         """Like :meth:`score` for several specs sharing one dense prefix; returns a list of
-        ``(log_probs, ffn_active)``."""
+        ``(log_probs, ffn_active)``, or of ``(log_probs, ffn_active, ffn_bytes)``."""
         if not _is_int(prefix_len):
             raise TypeError(f"prefix_len must be an int, got {type(prefix_len).__name__}")
         if prefix_len < 1:
             raise ValueError(f"prefix_len must be >= 1, got {prefix_len}")
+        if not isinstance(return_ffn_bytes, bool):
+            raise TypeError(f"return_ffn_bytes must be a bool, got {type(return_ffn_bytes).__name__}")
         specs = [self._native_sparsity(Sparsity.of(s)) for s in sparsities]
-        return [(lp, list(k)) for lp, k in self._n.score(self._ids(ids, "ids"), prefix_len, specs)]
+        out = self._n.score(self._ids(ids, "ids"), prefix_len, specs)
+        if return_ffn_bytes:
+            return [(lp, list(k), b) for lp, k, b in out]
+        return [(lp, list(k)) for lp, k, _ in out]
 
     def neuron_scores(self, ids: Sequence[int]) -> dict:
         """Per layer, every FFN neuron's TDA and GRIFFIN score over the prompt ``ids``:
@@ -473,21 +542,33 @@ class Engine:
     # -- argument normalisation --------------------------------------------------------------
 
     def _native_sparsity(self, s: Sparsity) -> tuple:
-        if s.method == "tda" and s.thresholds is None:
-            s = Sparsity.tda(thresholds=self._cached_default_thresholds(s.density))
+        if s.method in ("tda", "cats", "hybrid") and s.thresholds is None:
+            s = Sparsity.tda(thresholds=self._cached_default_thresholds(s))
         return s._native(self._n.model_info["num_layers"])
 
-    def _cached_default_thresholds(self, density: float) -> Thresholds:
-        """:meth:`default_thresholds`, kept on disk (``models.cache_dir()/calibration``) keyed by the
-        model files, the dtype and the engine version, so that a new process does not recalibrate."""
+    def resolved_thresholds(self, sparsity: Sparsity | str) -> Thresholds | None:
+        """The thresholds a spec runs with: for ``tda:DENSITY``, ``cats:KEEP`` and
+        ``hybrid:DENSITY,KEEP``, the engine's own calibration on the built-in corpus (made once);
+        None for dense and GRIFFIN."""
+        s = Sparsity.of(sparsity)
+        if s.method in ("dense", "griffin"):
+            return None
+        if s.thresholds is not None:
+            return s.thresholds
+        return self._cached_default_thresholds(s)
+
+    def _cached_default_thresholds(self, s: Sparsity) -> Thresholds:
+        """The engine's calibration of a ``tda:DENSITY``, ``cats`` or ``hybrid`` spec, kept on disk
+        (``models.cache_dir()/calibration``) keyed by the model files, the dtype and the engine
+        version, so that a new process does not recalibrate."""
         key = self._fingerprint()
-        path = models.cache_dir() / "calibration" / f"{key}-{density!r}.json" if key else None
+        path = models.cache_dir() / "calibration" / f"{key}-{s}.json" if key else None
         if path is not None and path.exists():
             try:
                 return Thresholds.load(path)
             except (OSError, ValueError):
                 pass  # a damaged cache entry is rebuilt
-        th = self.default_thresholds(density)
+        th = Thresholds.from_dict(json.loads(self._n.resolved_thresholds(s._native())))
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

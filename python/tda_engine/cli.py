@@ -303,48 +303,84 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser(
         "calibrate",
-        help="calibrate TDA thresholds for a model",
-        description="Run the model over calibration text and write per-layer TDA thresholds (JSON),\n"
-        "for --sparsity tda:FILE or Sparsity.tda(thresholds=FILE).",
+        help="calibrate sparsity thresholds for a model",
+        description="Run the model over calibration text and write per-layer thresholds (JSON): TDA's\n"
+        "prompt thresholds and, for CATS and the hybrid, per-token gate thresholds; use them with\n"
+        "--sparsity tda:FILE or Sparsity.tda(thresholds=FILE).",
         epilog="examples:\n"
         "  tda-engine calibrate --density 0.5 -o th.json        # default model, built-in text\n"
         "  tda-engine calibrate ./my-model --text prompts.txt --density 0.5 -o th.json\n"
-        "  tda-engine calibrate ./my-model --text book.txt --max-ppl-increase 0.03 -o th.json",
+        "  tda-engine calibrate --keep 0.7 -o cats.json              # CATS\n"
+        "  tda-engine calibrate --density 0.9 --keep 0.5 -o hybrid.json  # hybrid\n"
+        "  tda-engine calibrate ./my-model --text book.txt --max-ppl-increase 0.03 -o th.json\n"
+        "  tda-engine calibrate ./my-model --text book.txt --ffn-bytes 0.6 -o th.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_and_runtime(cal)
     cal.add_argument(
         "--text", metavar="FILE", action="append", help="calibration text (repeatable; default: built-in corpus)"
     )
-    target = cal.add_mutually_exclusive_group(required=True)
-    target.add_argument("--density", type=float, help="fraction of each layer's FFN neurons to keep, in (0, 1]")
-    target.add_argument(
+    cal.add_argument(
+        "--density", type=float, help="fraction of each layer's FFN neurons the prompt keeps (TDA), in (0, 1]"
+    )
+    cal.add_argument(
+        "--keep",
+        type=float,
+        help="per-token gate: fraction of the kept neurons each decoded token computes (CATS; with --density, "
+        "the hybrid), in (0, 1]",
+    )
+    cal.add_argument(
         "--max-ppl-increase",
         type=float,
         metavar="X",
-        help="per-layer thresholds keeping the fewest FFN weights with held-out perplexity <= (1 + X) x dense",
+        help="per-layer settings reading the fewest FFN bytes with held-out perplexity <= (1 + X) x dense",
+    )
+    cal.add_argument(
+        "--ffn-bytes",
+        type=float,
+        metavar="B",
+        help="per-layer settings with the lowest held-out perplexity reading <= B of the FFN bytes per token",
+    )
+    cal.add_argument(
+        "--method",
+        choices=("auto", "tda", "cats"),
+        default="auto",
+        help="settings a budget search may use: tda, cats, or auto (both, and the hybrid; default)",
     )
     cal.add_argument("-o", "--output", metavar="FILE", required=True, help="where to write the thresholds")
     cal.set_defaults(func=_cmd_calibrate)
 
     ev = sub.add_parser(
         "eval",
-        help="perplexity of dense, TDA and GRIFFIN decoding on a text",
-        description="Perplexity on held-out windows of a text for dense decoding, TDA and GRIFFIN at\n"
-        "several densities, and TDA with quality-budget calibration. The first part of the text\n"
-        "calibrates; in each window of the rest, the first half runs densely and chooses the\n"
-        "mask and the second half is scored.",
+        help="perplexity against FFN bytes of dense, TDA, GRIFFIN, CATS and hybrid decoding on a text",
+        description="Perplexity on held-out windows of a text, and the FFN bytes a decoded token reads,\n"
+        "for dense decoding, TDA and GRIFFIN at several densities, CATS at several keep fractions,\n"
+        "the hybrid at several (density, keep) pairs, and the per-layer budget search at perplexity\n"
+        "and byte budgets. The first part of the text calibrates; in each window of the rest, the\n"
+        "first half runs densely and chooses the mask and the second half is scored, each token\n"
+        "gated as decoding gates it.",
         epilog="example:\n  tda-engine eval --text lee_background.cor --json smollm2.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_and_runtime(ev)
     ev.add_argument("--text", metavar="FILE", required=True, help="the text (UTF-8)")
     ev.add_argument("--densities", default="0.9,0.7,0.5,0.3", help="comma-separated (default: 0.9,0.7,0.5,0.3)")
-    ev.add_argument("--methods", default="tda,griffin", help="comma-separated, of tda, griffin (default: both)")
+    ev.add_argument(
+        "--methods",
+        default="tda,griffin,cats,hybrid",
+        help="comma-separated, of tda, griffin, cats, hybrid (default: all)",
+    )
+    ev.add_argument("--keeps", default="0.8,0.7,0.5,0.4", help="CATS keep fractions (default: 0.8,0.7,0.5,0.4)")
+    ev.add_argument("--hybrids", default="0.9/0.5,0.8/0.5", help="hybrid DENSITY/KEEP pairs (default: 0.9/0.5,0.8/0.5)")
     ev.add_argument(
         "--budgets",
         default="0.01,0.03",
-        help="max_ppl_increase values for TDA quality-budget calibration; '' for none (default: 0.01,0.03)",
+        help="max_ppl_increase values for the per-layer budget search; '' for none (default: 0.01,0.03)",
+    )
+    ev.add_argument(
+        "--byte-budgets",
+        default="0.85,0.6",
+        help="ffn_bytes values for the per-layer budget search; '' for none (default: 0.85,0.6)",
     )
     ev.add_argument("--window", type=int, default=512, help="tokens per window (default: 512)")
     ev.add_argument("--prefix", type=int, default=256, help="dense tokens per window (default: 256)")
@@ -412,7 +448,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         th = engine.calibrate(
             texts,
             density=args.density,
+            keep=args.keep,
             max_ppl_increase=args.max_ppl_increase,
+            ffn_bytes=args.ffn_bytes,
+            method=args.method,
             progress=lambda done, total: bars("calibrate", done, total),
         )
     finally:
@@ -422,8 +461,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if th.report:
         r = th.report
         msg += (
-            f"; kept {r['kept_fraction']:.3f} of FFN neurons, held-out perplexity {r['ppl']:.3f} "
-            f"vs dense {r['ppl_dense']:.3f}"
+            f"; reads {r['ffn_bytes']:.3f} of the FFN bytes per token (superset {r['kept_fraction']:.3f} of "
+            f"the neurons), held-out perplexity {r['ppl']:.3f} vs dense {r['ppl_dense']:.3f}"
         )
     print(msg, file=sys.stderr)
     return EXIT_OK
@@ -436,9 +475,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     text = _read_text(args.text)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("tda", "griffin")]
+    bad = [m for m in methods if m not in ("tda", "griffin", "cats", "hybrid")]
     if bad:
-        raise CliError(f"--methods: unknown method(s) {bad}; expected tda, griffin")
+        raise CliError(f"--methods: unknown method(s) {bad}; expected tda, griffin, cats, hybrid")
+    hybrids = []
+    for pair in (p.strip() for p in args.hybrids.split(",") if p.strip()):
+        d, sep, k = pair.partition("/")
+        try:
+            hybrids.append((float(d), float(k)))
+        except ValueError:
+            raise CliError(f"--hybrids: {pair!r} is not DENSITY/KEEP, e.g. 0.9/0.5") from None
+        if not sep:
+            raise CliError(f"--hybrids: {pair!r} is not DENSITY/KEEP, e.g. 0.9/0.5")
     engine = _load_engine(args)
     log = (lambda m: print(m, file=sys.stderr)) if sys.stderr else (lambda m: None)
     bars = _Bars()
@@ -448,6 +496,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             text,
             densities=_floats(args.densities, "--densities"),
             budgets=_floats(args.budgets, "--budgets"),
+            byte_budgets=_floats(args.byte_budgets, "--byte-budgets"),
+            keeps=_floats(args.keeps, "--keeps"),
+            hybrids=hybrids,
             methods=methods,
             window=args.window,
             prefix=args.prefix,
@@ -561,6 +612,7 @@ def _print_stats(engine, result, args: argparse.Namespace) -> None:
                 "FFN kept",
                 f"{sum(result.ffn_active) / max(1, len(result.ffn_active) * info.get('intermediate_size', 1)):.3f}",
             ),
+            ("FFN bytes", f"{result.ffn_bytes:.3f} per decoded token"),
         ]
         for key, value in details:
             print(f"  {key + ':':<15}{value}", file=sys.stderr)

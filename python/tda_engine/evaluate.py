@@ -8,8 +8,12 @@ the first ``prefix`` tokens of a window run densely and choose the mask, the res
 the sparse FFN). Perplexity is ``exp(mean negative log-likelihood)`` over all scored tokens.
 
 Methods: dense; TDA at each density (thresholds calibrated on the calibration part); GRIFFIN at
-each density; TDA with quality-budget calibration for each budget. For each, the delivered
-density (FFN neurons kept, over windows and layers) and the fraction of decode weight bytes read.
+each density; CATS at each keep fraction and the hybrid at each (density, keep) pair (gate
+thresholds calibrated on the calibration part); the per-layer budget search for each perplexity
+budget (``max_ppl_increase``) and each byte budget (``ffn_bytes``). For each, the delivered
+density (FFN neurons in the prompt's superset, over windows and layers), the FFN bytes a decoded
+token reads (as the kernels count them, per-token gate included) and the fraction of all decode
+weight bytes read.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from .sparsity import Sparsity
 
 DEFAULT_DENSITIES = (0.9, 0.7, 0.5, 0.3)
 DEFAULT_BUDGETS = (0.01, 0.03)
+DEFAULT_KEEPS = (0.8, 0.7, 0.5, 0.4)
+DEFAULT_HYBRIDS = ((0.9, 0.5), (0.8, 0.5))
+DEFAULT_BYTE_BUDGETS = (0.85, 0.6)
+METHODS = ("tda", "griffin", "cats", "hybrid")
 LENGTHS = (16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -48,7 +56,10 @@ def evaluate(
     text: str,
     densities: Sequence[float] = DEFAULT_DENSITIES,
     budgets: Sequence[float] = DEFAULT_BUDGETS,
-    methods: Sequence[str] = ("tda", "griffin"),
+    methods: Sequence[str] = METHODS,
+    keeps: Sequence[float] = DEFAULT_KEEPS,
+    hybrids: Sequence[tuple[float, float]] = DEFAULT_HYBRIDS,
+    byte_budgets: Sequence[float] = (),
     window: int = 512,
     prefix: int = 256,
     max_windows: int = 32,
@@ -60,7 +71,8 @@ def evaluate(
     """Runs the protocol above; returns a JSON-able dict (see :func:`format_table`).
 
     ``progress``, if given, is called as ``progress(phase, done, total)``: each calibration (phase
-    ``"calibrate densities"``, ``"calibrate budget B"``) with its windows and search steps, then
+    ``"calibrate densities"``, ``"calibrate gates"``, ``"calibrate budget B"``, ``"calibrate bytes
+    B"``) with its windows and search steps, then
     ``"score"`` with the windows scored. Ctrl-C (``KeyboardInterrupt``) or an exception from
     ``progress`` stops the evaluation."""
 
@@ -90,32 +102,46 @@ def evaluate(
         specs += [(f"tda:{d:g}", "tda", d, Sparsity.tda(thresholds=t)) for d, t in zip(densities, ths, strict=False)]
     if "griffin" in methods:
         specs += [(f"griffin:{d:g}", "griffin", d, Sparsity.griffin(d)) for d in densities]
+    gated = [("cats", 1.0, k) for k in keeps if "cats" in methods]
+    gated += [("hybrid", d, k) for d, k in hybrids if "hybrid" in methods]
+    if gated:
+        ths = engine.calibrate_gates(calib_texts, [(d, k) for _, d, k in gated], progress=phase("calibrate gates"))
+        for (method, d, k), th in zip(gated, ths, strict=True):
+            name = f"cats:{k:g}" if method == "cats" else f"hybrid:{d:g},{k:g}"
+            specs.append((name, method, None if method == "cats" else d, Sparsity.tda(thresholds=th)))
     budget_reports = {}
     for b in budgets:
         th = engine.calibrate(calib_texts, max_ppl_increase=b, progress=phase(f"calibrate budget {b:g}"))
-        budget_reports[f"tda-budget:{b:g}"] = th.report
-        specs.append((f"tda-budget:{b:g}", "tda-budget", None, Sparsity.tda(thresholds=th)))
+        budget_reports[f"budget:{b:g}"] = th.report
+        specs.append((f"budget:{b:g}", "budget", None, Sparsity.tda(thresholds=th)))
+    for b in byte_budgets:
+        th = engine.calibrate(calib_texts, ffn_bytes=b, progress=phase(f"calibrate bytes {b:g}"))
+        budget_reports[f"bytes:{b:g}"] = th.report
+        specs.append((f"bytes:{b:g}", "bytes", None, Sparsity.tda(thresholds=th)))
     calib_s = time.perf_counter() - t0
     log(f"calibrated {len(specs) - 1} specs in {calib_s:.1f} s; scoring {len(wins)} windows of {window} tokens")
 
     nll = np.zeros(len(specs))
     count = 0
     kept = np.zeros((len(specs), layers))
+    ffn_bytes = np.zeros(len(specs))
     t0 = time.perf_counter()
     scoring = phase("score")
     for wi, ids in enumerate(wins):
         if scoring:
             scoring(wi, len(wins))
-        res = engine.score_many(ids, prefix, [s for *_, s in specs])
-        for si, (lp, active) in enumerate(res):
+        res = engine.score_many(ids, prefix, [s for *_, s in specs], return_ffn_bytes=True)
+        for si, (lp, active, nbytes) in enumerate(res):
             nll[si] -= float(np.sum(lp, dtype=np.float64))
             kept[si] += np.asarray(active, dtype=np.float64) / n
+            ffn_bytes[si] += nbytes
         count += len(ids) - prefix
         log(f"  window {wi + 1}/{len(wins)}: dense ppl so far {math.exp(nll[0] / count):.3f}")
     if scoring:
         scoring(len(wins), len(wins))
     score_s = time.perf_counter() - t0
     kept /= len(wins)
+    ffn_bytes /= len(wins)
 
     rows = []
     ppl_dense = math.exp(nll[0] / count)
@@ -128,7 +154,8 @@ def evaluate(
                 "method": method,
                 "target_density": target,
                 "density": density,
-                "weight_fraction": (total - (1 - density) * ffn) / total,
+                "ffn_bytes": float(ffn_bytes[si]),
+                "weight_fraction": (total - (1 - float(ffn_bytes[si])) * ffn) / total,
                 "ppl": ppl,
                 "ppl_ratio": ppl / ppl_dense,
                 "layer_kept": kept[si].tolist(),
@@ -152,12 +179,13 @@ def format_table(result: dict) -> str:
     lines = [
         f"{result['windows']} windows of {result['window']} tokens ({result['prefix']} dense, "
         f"{result['scored_tokens']} scored in all); calibration: {result['calibration']}",
-        f"{'method':<18} {'target':>7} {'density':>8} {'weights read':>13} {'perplexity':>11} {'vs dense':>9}",
+        f"{'method':<18} {'target':>7} {'density':>8} {'FFN bytes':>10} {'weights read':>13} {'perplexity':>11} "
+        f"{'vs dense':>9}",
     ]
     for r in result["rows"]:
         target = "-" if r["target_density"] is None else f"{r['target_density']:.2f}"
         lines.append(
-            f"{r['name']:<18} {target:>7} {r['density']:>8.3f} {r['weight_fraction']:>13.3f} "
+            f"{r['name']:<18} {target:>7} {r['density']:>8.3f} {r['ffn_bytes']:>10.3f} {r['weight_fraction']:>13.3f} "
             f"{r['ppl']:>11.3f} {r['ppl_ratio']:>8.3f}x"
         )
     return "\n".join(lines)

@@ -1,9 +1,9 @@
-//! Decode benchmark: dense and sparse (TDA, GRIFFIN) decoding side by side in one run, per dtype,
+//! Decode benchmark: dense and sparse (TDA, GRIFFIN, CATS, hybrid) decoding side by side in one run, per dtype,
 //! on a real checkpoint or on a synthetic model with the exact shapes of a named preset.
 //!
 //! ```text
 //! cargo run --release -p tda-bench --bin decode -- (--preset smollm2-135m [--layers N] | --model PATH)
-//!     [--dtype f32,bf16,f16,q4_0,q8_0,q4_k,auto] [--sparsity dense,tda:0.7,tda:0.5,tda:0.3,griffin:0.5]
+//!     [--dtype f32,bf16,f16,q4_0,q8_0,q4_k,auto] [--sparsity dense,tda:0.5,griffin:0.5,cats:0.5,hybrid:0.9,0.5]
 //!     [--prompt-tokens 128] [--new-tokens 64] [--repeat 3] [--roofline-mib 1024]
 //!     [--device cpu|cuda|cuda:N] [--json PATH]
 //! ```
@@ -17,7 +17,10 @@
 //! measured in the same run, the ideal speedup `bytes_dense / bytes_sparse`, and their ratio.
 //! Repeats run the configurations round-robin and keep each one's best, so that drift in the
 //! machine's speed hits all of them alike. TDA thresholds come from a quantile calibration on random
-//! token windows of the prompt's length (the weights are random, so there is no text to use).
+//! token windows of the prompt's length (the weights are random, so there is no text to use), gate
+//! thresholds (CATS, hybrid) from the gate histogram of random windows of twice that length. With a
+//! per-token gate, the bytes are those the kernels counted (gate rows of the set, up and down rows
+//! of the neurons that passed), averaged over the decoded tokens.
 //! Right before and right after every timed decode it measures the machine's streaming read
 //! bandwidth (all threads, vectorised, best of 3 passes over a buffer larger than the cache): the
 //! roofline. "% roof" is the achieved bandwidth (weight bytes per token x tok/s) over the larger
@@ -30,8 +33,9 @@ use tda_bench::machine;
 use tda_core::kernels::Draw;
 use tda_core::load::synthetic::{preset_config, RandomWeights, PRESETS};
 use tda_core::model::{FfnMode, Logits, Model, State};
-use tda_core::sparsity::calibrate::{LengthProfile, Progress};
-use tda_core::{Engine, Sparsity};
+use tda_core::sparsity::calibrate::{gate_histogram, LengthProfile, Progress};
+use tda_core::sparsity::gate::GateHistogram;
+use tda_core::{Engine, Sparsity, Thresholds};
 
 struct Args {
     model: Option<PathBuf>,
@@ -49,7 +53,7 @@ struct Args {
 
 const USAGE: &str =
     "usage: decode (--preset NAME [--layers N] | --model PATH) [--dtype f32,bf16,f16,q4_0,q8_0,q4_k,auto] \
-     [--sparsity dense,tda:0.5,griffin:0.5] [--prompt-tokens N] [--new-tokens N] [--repeat N] \
+     [--sparsity dense,tda:0.5,cats:0.5,hybrid:0.9,0.5] [--prompt-tokens N] [--new-tokens N] [--repeat N] \
      [--roofline-mib N] [--device cpu|cuda[:N]] [--json PATH]";
 
 fn parse_args() -> Result<Args, String> {
@@ -81,7 +85,7 @@ fn parse_args() -> Result<Args, String> {
             "--device" => a.device = val()?,
             "--json" => a.json = Some(PathBuf::from(val()?)),
             "--dtype" => a.dtypes = val()?.split(',').map(str::to_string).collect(),
-            "--sparsity" => a.sparsity = val()?.split(',').map(str::to_string).collect(),
+            "--sparsity" => a.sparsity = spec_list(&val()?),
             "-h" | "--help" => {
                 println!("{USAGE}\npresets: {}", PRESETS.join(", "));
                 std::process::exit(0);
@@ -102,6 +106,8 @@ struct Row {
     dtype: String,
     sparsity: String,
     kept_fraction: f64,
+    /// FFN bytes read per decoded token, as a fraction of dense (counted by the kernels).
+    ffn_bytes: f64,
     bytes: usize,
     prefill_tok_s: f64,
     decode_tok_s: f64,
@@ -114,21 +120,43 @@ fn fail(e: impl std::fmt::Display) -> ! {
     std::process::exit(2);
 }
 
+/// Splits a comma-separated list of specs; a bare number continues the spec before it
+/// (`dense,hybrid:0.9,0.5` is two specs).
+fn spec_list(s: &str) -> Vec<String> {
+    let mut out: Vec<String> = vec![];
+    for part in s.split(',') {
+        match (part.trim().parse::<f64>(), out.last_mut()) {
+            (Ok(_), Some(prev)) => *prev = format!("{prev},{part}"),
+            _ => out.push(part.to_string()),
+        }
+    }
+    out
+}
+
 /// A deterministic in-vocabulary token sequence.
 fn tokens(n: usize, vocab: usize, seed: u32) -> Vec<u32> {
     (0..n as u32).map(|i| (i.wrapping_mul(7919).wrapping_add(seed.wrapping_mul(104_729)) + 13) % vocab as u32).collect()
 }
 
-/// Resolves `tda:D` to thresholds calibrated on random windows; other specs parse as usual.
-fn spec(s: &str, profile: &LengthProfile, layers: usize) -> Sparsity {
-    match Sparsity::parse(s).unwrap_or_else(|e| fail(e)) {
-        Sparsity::TdaDensity(d) => {
-            let mut t = profile.thresholds(&vec![d; layers]);
-            t.meta = serde_json::json!({"name": s});
-            Sparsity::Tda(std::sync::Arc::new(t))
-        }
-        other => other,
+/// Resolves `tda:D`, `cats:K` and `hybrid:D,K` to thresholds calibrated on the bench's own
+/// windows (the prompt-length profile, and the gate histogram of their second halves); other specs
+/// parse as usual.
+fn spec(s: &str, profile: &LengthProfile, gates: &GateHistogram, layers: usize) -> Sparsity {
+    let (density, keep) = match Sparsity::parse(s).unwrap_or_else(|e| fail(e)) {
+        Sparsity::TdaDensity(d) => (d, 1.0),
+        Sparsity::Cats(k) => (1.0, k),
+        Sparsity::Hybrid { density, keep } => (density, keep),
+        other => return other,
+    };
+    let mut t = match density < 1.0 {
+        true => profile.thresholds(&vec![density; layers]),
+        false => Thresholds::fixed(vec![0.0; layers]),
+    };
+    if keep < 1.0 {
+        t.gate = (0..layers).map(|l| gates.threshold(l, density, keep)).collect();
     }
+    t.meta = serde_json::json!({"name": s});
+    Sparsity::Tda(std::sync::Arc::new(t))
 }
 
 /// The greedy next token: on the device when the logits live there (only the id is read back).
@@ -141,8 +169,9 @@ fn greedy(model: &Model, st: &mut State, v: usize) -> u32 {
     (0..v).max_by(|&a, &b| l[a].total_cmp(&l[b]).then(b.cmp(&a))).unwrap_or(0) as u32
 }
 
-/// Dense prefill (observing when sparse), mask, then `new` decode steps; (prefill s, decode s, kept).
-fn run(model: &Model, st: &mut State, prompt: &[u32], new: usize, sp: &Sparsity) -> (f64, f64, Vec<usize>) {
+/// Dense prefill (observing when sparse), mask, then `new` decode steps; (prefill s, decode s,
+/// kept, FFN bytes read per token as a fraction of dense).
+fn run(model: &Model, st: &mut State, prompt: &[u32], new: usize, sp: &Sparsity) -> (f64, f64, Vec<usize>, f64) {
     let v = model.cfg.vocab_size;
     let dense = sp.is_dense();
     let t0 = Instant::now();
@@ -158,7 +187,8 @@ fn run(model: &Model, st: &mut State, prompt: &[u32], new: usize, sp: &Sparsity)
         model.forward(&[tok], prompt.len() + i, st, mode, Logits::Last).unwrap_or_else(|e| fail(e));
         tok = greedy(model, st, v);
     }
-    (prefill, t1.elapsed().as_secs_f64(), st.mask.counts())
+    let ffn_bytes = if dense { 1.0 } else { model.ffn_bytes(st) };
+    (prefill, t1.elapsed().as_secs_f64(), st.mask.counts(), ffn_bytes)
 }
 
 fn main() {
@@ -192,8 +222,17 @@ fn main() {
         let windows: Vec<Vec<u32>> = (1..=4).map(|s| tokens(p, vocab, s)).collect();
         let profile = LengthProfile::collect(model, &mut st, &windows, &[p], &mut Progress::new(None))
             .unwrap_or_else(|e| fail(e));
+        let gated = args.sparsity.iter().any(|s| s.starts_with("cats") || s.starts_with("hybrid"));
+        let gates = match gated {
+            true => {
+                let wins: Vec<Vec<u32>> = (5..=8).map(|s| tokens(2 * p, vocab, s)).collect();
+                let mut st2 = model.new_state(2 * p, 2 * p).unwrap_or_else(|e| fail(e));
+                gate_histogram(model, &mut st2, &wins, p, &mut Progress::new(None)).unwrap_or_else(|e| fail(e))
+            }
+            false => GateHistogram::new(layers, model.cfg.intermediate_size, model.cfg.act, vec![vec![]; layers]),
+        };
         let specs: Vec<(String, Sparsity)> =
-            args.sparsity.iter().map(|s| (s.clone(), spec(s, &profile, layers))).collect();
+            args.sparsity.iter().map(|s| (s.clone(), spec(s, &profile, &gates, layers))).collect();
         let prompt = tokens(p, vocab, 0);
 
         // Prefill with and without the statistics, back to back in alternating order; the median
@@ -217,11 +256,11 @@ fn main() {
         let median = ratios[ratios.len() / 2];
         overheads.push((dtype.clone(), plain, observed, median, ratios.len()));
 
-        let mut best = vec![(f64::INFINITY, f64::INFINITY, vec![], (0.0, 0.0)); specs.len()];
+        let mut best = vec![(f64::INFINITY, f64::INFINITY, vec![], (0.0, 0.0), 1.0); specs.len()];
         for _ in 0..args.repeat {
             for (i, (_, sp)) in specs.iter().enumerate() {
                 let before = roof.measure(3);
-                let (pf, dec, kept) = run(model, &mut st, &prompt, args.new_tokens, sp);
+                let (pf, dec, kept, ffn_bytes) = run(model, &mut st, &prompt, args.new_tokens, sp);
                 let after = roof.measure(3);
                 let b = &mut best[i];
                 b.0 = b.0.min(pf);
@@ -230,15 +269,18 @@ fn main() {
                     b.3 = (before, after);
                 }
                 b.2 = kept;
+                b.4 = ffn_bytes;
             }
         }
         let n = model.cfg.intermediate_size;
-        for ((label, _), (pf, dec, kept, roofline)) in specs.iter().zip(best) {
+        let ffn_dense = model.ffn_dense_bytes() as f64;
+        for ((label, _), (pf, dec, kept, roofline, ffn_bytes)) in specs.iter().zip(best) {
             rows.push(Row {
                 dtype: dtype.clone(),
                 sparsity: label.clone(),
                 kept_fraction: kept.iter().sum::<usize>() as f64 / (kept.len() * n) as f64,
-                bytes: model.sparse_decode_weight_bytes(&kept),
+                ffn_bytes,
+                bytes: (model.decode_weight_bytes() as f64 - (1.0 - ffn_bytes) * ffn_dense).round() as usize,
                 prefill_tok_s: p as f64 / pf,
                 decode_tok_s: args.new_tokens as f64 / dec,
                 roofline,
@@ -261,10 +303,11 @@ fn main() {
     }
     println!("model {name}, {threads} threads, prompt {} tokens, {} new tokens", args.prompt_tokens, args.new_tokens);
     println!(
-        "{:<6} {:<12} {:>6} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>8} {:>7} {:>8}",
+        "{:<6} {:<14} {:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>8} {:>7} {:>8}",
         "dtype",
         "sparsity",
         "kept",
+        "FFN bytes",
         "MB/token",
         "prefill",
         "decode",
@@ -291,10 +334,11 @@ fn main() {
         };
         let achieved = r.bytes as f64 * r.decode_tok_s / 1e9;
         println!(
-            "{:<6} {:<12} {:>6.3} {:>9.2} {:>9.1} {:>9.1} {:>8.2} {:>9.2} {:>6.0}% {:>7.2}x {:>6.2}x {:>8.2}",
+            "{:<6} {:<14} {:>6.3} {:>9.3} {:>9.2} {:>9.1} {:>9.1} {:>8.2} {:>9.2} {:>6.0}% {:>7.2}x {:>6.2}x {:>8.2}",
             r.dtype,
             r.sparsity,
             r.kept_fraction,
+            r.ffn_bytes,
             r.bytes as f64 / 1e6,
             r.prefill_tok_s,
             r.decode_tok_s,
@@ -308,7 +352,7 @@ fn main() {
         json_lines.push(serde_json::json!({
             "bench": "decode", "model": name, "layers_override": args.layers, "dtype": r.dtype,
             "sparsity": r.sparsity, "threads": threads, "prompt_tokens": args.prompt_tokens,
-            "new_tokens": args.new_tokens, "ffn_kept_fraction": r.kept_fraction,
+            "new_tokens": args.new_tokens, "ffn_kept_fraction": r.kept_fraction, "ffn_bytes": r.ffn_bytes,
             "weight_bytes_per_token": r.bytes, "prefill_tok_s": r.prefill_tok_s, "decode_tok_s": r.decode_tok_s,
             "achieved_gb_s": achieved, "roofline_gb_s": roofline, "roofline_before_gb_s": r.roofline.0,
             "roofline_after_gb_s": r.roofline.1, "fraction_of_roofline": achieved / roofline,

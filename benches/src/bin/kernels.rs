@@ -9,19 +9,22 @@
 //!   `Wd^T` in Q8_0, as the engine keeps it), all neurons and a random `density` share of them,
 //!   two ways: reading the kept rows in place from the full matrices (`indexed`, what the engine
 //!   does) and after copying the kept rows into compact matrices (`compacted`; the copy is timed
-//!   apart).
+//!   apart); and gated per token (`gated`, CATS: every gate row, then the up and down rows of the
+//!   neurons whose `|act(g)|` reaches a threshold chosen on this `x` so that a `--gated` share of
+//!   them passes). Its bytes are the ones read: `n` gate rows plus the passing neurons' up and down
+//!   rows; `ideal` is the dense bytes over those bytes, and `of ideal` the speed-up over it.
 //!
 //! ```text
 //! cargo run --release -p tda-bench --bin kernels -- [--rows 11008] [--cols 4096] [--iters 20]
-//!     [--dtype f32,bf16,f16,q4_0,q8_0,...] [--density 0.5,0.3] [--roofline-mib 1024]
+//!     [--dtype f32,bf16,f16,q4_0,q8_0,...] [--density 0.5,0.3] [--gated 0.8,0.5] [--roofline-mib 1024]
 //! ```
 
 use half::{bf16, f16};
 use std::time::Instant;
 use tda_bench::{arg, machine, num, print_probe, Roofline};
 use tda_core::kernels::cpu::{
-    available, cpu, ffn_decode, gemv_float_acts_with, gemv_with, huge_page_copy, kernels, rule, FfnRows, WeightSlice,
-    DTYPES, MAX_FFN_CHUNKS,
+    available, cpu, ffn_decode, ffn_decode_gated, gemv_float_acts_with, gemv_with, huge_page_copy, kernels, rule,
+    FfnRows, GatedScratch, WeightSlice, DTYPES, MAX_FFN_CHUNKS,
 };
 use tda_core::quant::{QBlocks, QType};
 
@@ -142,6 +145,11 @@ fn main() {
     let dtypes: Vec<String> = arg("--dtype", "f32,bf16,f16").split(',').map(str::to_string).collect();
     let densities: Vec<f64> =
         arg("--density", "0.5,0.3").split(',').map(|d| num::<f64>("--density", d).clamp(0.0, 1.0)).collect();
+    let gated: Vec<f64> = arg("--gated", "0.8,0.5")
+        .split(',')
+        .filter(|g| !g.trim().is_empty())
+        .map(|g| num::<f64>("--gated", g).clamp(0.0, 1.0))
+        .collect();
     let all = rayon::current_num_threads();
     let m = machine();
     println!("machine: {} ({}), {all} threads", m["cpu"].as_str().unwrap_or(""), m["simd"]);
@@ -253,13 +261,57 @@ fn main() {
                 ffn_rows.push((
                     format!("{dtype:<6} {density:>7.2} {layout:<10} {:>10.1} {gbs:>8.2} {rl:>9.2}", best * 1e6),
                     gbs,
-                    format!(" {:>7.2}x {:>5.2}x {copy:>9.1}", dense_s / best, n as f64 / kept.len() as f64),
+                    format!(
+                        " {:>7.2}x {:>5.2}x {copy:>9.1} {:>7.2}",
+                        dense_s / best,
+                        n as f64 / kept.len() as f64,
+                        dense_s / best / (n as f64 / kept.len() as f64)
+                    ),
                 ));
                 json.push(serde_json::json!({"bench": "ffn", "dtype": dtype, "path": kernels().name, "n": n, "d": d,
                     "density": density, "layout": layout, "threads": all, "us_per_call": best * 1e6, "gb_s": gbs,
                     "roofline_gb_s": rl, "speedup_vs_dense": dense_s / best,
-                    "ideal_speedup": n as f64 / kept.len() as f64, "copy_ms": copy}));
+                    "ideal_speedup": n as f64 / kept.len() as f64,
+                    "of_ideal": dense_s / best / (n as f64 / kept.len() as f64), "copy_ms": copy}));
             }
+        }
+        // Gated per token (CATS): the threshold from this x's dense |act(g)|, so that a `keep`
+        // share of the neurons passes.
+        let down = if QType::parse(dtype).is_some() { "q8_0" } else { dtype };
+        let w = FfnRows {
+            gate: g.slice(dtype),
+            up: u.slice(dtype),
+            down_t: dt.slice(down),
+            gate_bias: None,
+            up_bias: None,
+            d,
+        };
+        let mut gate = vec![0f32; n];
+        gemv_with(kernels(), w.gate, d, &x, &mut gate);
+        let mut mags: Vec<f32> = gate.iter().map(|&v| act(v).abs()).collect();
+        mags.sort_by(f32::total_cmp);
+        let mut scratch = GatedScratch::with_capacity(n);
+        let dense_bytes = n * (2 * row_bytes(dtype, d) + row_bytes(down, d));
+        for &keep in &gated {
+            let t = if keep >= 1.0 { 0.0 } else { mags[(((1.0 - keep) * n as f64).round() as usize).min(n - 1)] };
+            let mut passed = 0;
+            let (best, rl) = time(&roof, iters, || {
+                passed = ffn_decode_gated(kernels(), w, n, None, t, &x, act, &mut scratch, &mut partials, &mut y)
+            });
+            let bytes = n * row_bytes(dtype, d) + passed * (row_bytes(dtype, d) + row_bytes(down, d));
+            let gbs = bytes as f64 / best / 1e9;
+            let (speedup, ideal) = (dense_s / best, dense_bytes as f64 / bytes as f64);
+            let share = passed as f64 / n as f64;
+            run_max = run_max.max(rl).max(gbs);
+            ffn_rows.push((
+                format!("{dtype:<6} {share:>7.2} {:<10} {:>10.1} {gbs:>8.2} {rl:>9.2}", "gated", best * 1e6),
+                gbs,
+                format!(" {speedup:>7.2}x {ideal:>5.2}x {:>9} {:>7.2}", "", speedup / ideal),
+            ));
+            json.push(serde_json::json!({"bench": "ffn", "dtype": dtype, "path": kernels().name, "n": n, "d": d,
+                "density": share, "layout": "gated", "threshold": t, "passed": passed, "threads": all,
+                "us_per_call": best * 1e6, "gb_s": gbs, "bytes": bytes, "roofline_gb_s": rl,
+                "speedup_vs_dense": speedup, "ideal_speedup": ideal, "of_ideal": speedup / ideal}));
         }
     }
     println!("\nroofline: {run_max:.2} GB/s, the highest read rate of this run (probe readings and kernels)");
@@ -273,8 +325,8 @@ fn main() {
     }
     println!("\nfused FFN decode, {n} neurons of width {d}, {all} threads, paths {}", kernels().name);
     println!(
-        "{:<6} {:>7} {:<10} {:>10} {:>8} {:>9} {:>7} {:>8} {:>6} {:>9}",
-        "dtype", "density", "layout", "us/call", "GB/s", "probe", "% roof", "speedup", "ideal", "copy ms"
+        "{:<6} {:>7} {:<10} {:>10} {:>8} {:>9} {:>7} {:>8} {:>6} {:>9} {:>7}",
+        "dtype", "density", "layout", "us/call", "GB/s", "probe", "% roof", "speedup", "ideal", "copy ms", "of ideal"
     );
     for (line, gbs, tail) in &ffn_rows {
         println!("{line} {:>6.0}%{tail}", 100.0 * gbs / run_max);

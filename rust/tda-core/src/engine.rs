@@ -12,11 +12,13 @@ use crate::load::{gguf, gguf_tokenizer, Precision};
 use crate::model::{FfnMode, Logits, Model, State};
 use crate::quant::QType;
 use crate::sparsity::calibrate::{
-    budget_search, windows, BudgetReport, LengthProfile, Progress, ProgressFn, BUDGET_STEPS, DEFAULT_LENGTHS,
+    budget_search, budget_steps, gate_histogram, windows, Budget, BudgetReport, LengthProfile, Progress, ProgressFn,
+    DEFAULT_LENGTHS,
 };
 use crate::sparsity::corpus::DEFAULT_CORPUS;
-use crate::sparsity::spec::check_density;
-use crate::sparsity::{NeuronStats, Prefixed, Sparsity, Thresholds};
+use crate::sparsity::gate::{GateHistogram, Methods};
+use crate::sparsity::spec::{check_density, check_keep};
+use crate::sparsity::{NeuronStats, Prefixed, Scored, Sparsity, Thresholds};
 use candle_core::DType;
 use serde_json::json;
 use std::collections::HashMap;
@@ -30,7 +32,10 @@ pub struct Shared {
     pub eos_token_ids: Vec<u32>,
     /// The calibration of `Sparsity::TdaDensity`, made from the default corpus on first use.
     default_profile: Mutex<Option<Arc<LengthProfile>>>,
-    density_thresholds: Mutex<HashMap<u64, Arc<Thresholds>>>,
+    /// The gate histogram of `Sparsity::Cats` and `Sparsity::Hybrid`, likewise.
+    default_gates: Mutex<Option<Arc<GateHistogram>>>,
+    /// Specs resolved from the default calibration, by label.
+    resolved: Mutex<HashMap<String, Arc<Thresholds>>>,
 }
 
 #[derive(Clone)]
@@ -173,7 +178,8 @@ impl Engine {
                 defaults,
                 eos_token_ids: eos,
                 default_profile: Mutex::new(None),
-                density_thresholds: Mutex::new(HashMap::new()),
+                default_gates: Mutex::new(None),
+                resolved: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -289,9 +295,15 @@ const VALIDATION_LEN: usize = 512;
 pub enum CalibrationTarget {
     /// The same fraction of neurons in every layer.
     Density(f64),
-    /// Per-layer thresholds keeping the fewest FFN weights with held-out perplexity at most
+    /// Per-layer settings reading the fewest FFN bytes with held-out perplexity at most
     /// `(1 + x)` times dense.
     MaxPplIncrease(f64),
+    /// Per-layer settings with the lowest held-out perplexity reading at most this fraction of the
+    /// FFN bytes per decoded token.
+    FfnBytes(f64),
+    /// A per-token gate passing the fraction `keep` of the gate values inside the prompt's TDA
+    /// superset at `density` (1: every neuron, CATS), the same in every layer.
+    Gate { density: f64, keep: f64 },
 }
 
 #[derive(Clone)]
@@ -302,47 +314,112 @@ pub struct CalibrationOptions {
     pub max_windows: usize,
     /// Told `(done, total)` windows and search steps as calibration goes; its error stops it.
     pub progress: Option<ProgressFn>,
+    /// The settings a budget search may give a layer: TDA's superset, CATS's gate, or both.
+    pub methods: Methods,
 }
 
 impl Default for CalibrationOptions {
     fn default() -> Self {
-        Self { lengths: DEFAULT_LENGTHS.to_vec(), max_windows: CALIBRATION_WINDOWS, progress: None }
+        Self {
+            lengths: DEFAULT_LENGTHS.to_vec(),
+            max_windows: CALIBRATION_WINDOWS,
+            progress: None,
+            methods: Methods::All,
+        }
     }
 }
 
 impl Engine {
-    /// Turns `TdaDensity` into thresholds and checks every spec against the model.
+    /// Turns `TdaDensity`, `Cats` and `Hybrid` into thresholds and checks every spec against the
+    /// model (and that the backend has kernels for it).
     pub fn resolve(&self, s: &Sparsity) -> Result<Sparsity> {
         let layers = self.config().num_layers;
-        match s {
-            Sparsity::Dense => Ok(Sparsity::Dense),
+        let t = match s {
+            Sparsity::Dense => return Ok(Sparsity::Dense),
             Sparsity::Griffin { density } => {
                 check_density(*density)?;
-                Ok(s.clone())
+                return Ok(s.clone());
             }
             Sparsity::Tda(t) => {
                 t.validate(layers)?;
-                Ok(s.clone())
+                t.clone()
             }
-            Sparsity::TdaDensity(d) => Ok(Sparsity::Tda(self.density_thresholds(*d)?)),
+            Sparsity::TdaDensity(d) => self.density_thresholds(*d)?,
+            Sparsity::Cats(_) | Sparsity::Hybrid { .. } => self.gate_thresholds(s)?,
+        };
+        if t.gate.iter().any(|&g| g > 0.0) && self.device().starts_with("cuda") {
+            return Err(Error::arg(crate::kernels::GATED_ON_CUDA));
         }
+        Ok(Sparsity::Tda(t))
+    }
+
+    fn cached(&self, key: &str, make: impl FnOnce() -> Result<Thresholds>) -> Result<Arc<Thresholds>> {
+        if let Some(t) = self.shared.resolved.lock().unwrap_or_else(|p| p.into_inner()).get(key) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(make()?);
+        self.shared.resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_string(), t.clone());
+        Ok(t)
     }
 
     /// Thresholds for `density` from the engine's calibration on the default corpus (made once).
     pub fn density_thresholds(&self, density: f64) -> Result<Arc<Thresholds>> {
         check_density(density)?;
-        if let Some(t) =
-            self.shared.density_thresholds.lock().unwrap_or_else(|p| p.into_inner()).get(&density.to_bits())
-        {
-            return Ok(t.clone());
+        self.cached(&format!("tda:{density}"), || {
+            let profile = self.default_profile()?;
+            let mut t = profile.thresholds(&vec![density; self.config().num_layers]);
+            t.meta = json!({"method": "tda", "calibration": "density", "density": density, "text": "default corpus",
+                            "windows": profile.windows});
+            Ok(t)
+        })
+    }
+
+    /// The thresholds of a `Cats` or `Hybrid` spec from the engine's calibration on the default
+    /// corpus (made once): the hybrid's superset as TDA at its density, and per layer the gate
+    /// threshold that a fraction `keep` of the superset's gate values passes.
+    pub fn gate_thresholds(&self, spec: &Sparsity) -> Result<Arc<Thresholds>> {
+        let (density, keep) = match *spec {
+            Sparsity::Cats(k) => (1.0, k),
+            Sparsity::Hybrid { density, keep } => (density, keep),
+            _ => return Err(Error::Internal(format!("'{}' has no gate", spec.label()))),
+        };
+        check_density(density)?;
+        check_keep(keep)?;
+        self.cached(&spec.label(), || {
+            let layers = self.config().num_layers;
+            let mut t = match density < 1.0 {
+                true => (*self.density_thresholds(density)?).clone(),
+                false => Thresholds::fixed(vec![0.0; layers]),
+            };
+            let hist = self.default_gates()?;
+            t.gate = (0..layers).map(|l| hist.threshold(l, density, keep)).collect();
+            let method = if density < 1.0 { "hybrid" } else { "cats" };
+            t.meta = json!({"method": method, "calibration": "keep", "density": density, "keep": keep,
+                            "text": "default corpus", "gate_pairs": hist.pairs});
+            Ok(t)
+        })
+    }
+
+    /// [`gate_histogram`] of windows of `len` tokens, half of each dense.
+    fn gate_histogram(&self, wins: &[Vec<u32>], len: usize, progress: &mut Progress) -> Result<GateHistogram> {
+        let model = &self.shared.model;
+        let mut st = model.take_state(len, len)?;
+        let r = gate_histogram(model, &mut st, wins, len / 2, progress);
+        model.return_state(st);
+        r
+    }
+
+    fn default_gates(&self) -> Result<Arc<GateHistogram>> {
+        let mut guard = self.shared.default_gates.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = guard.as_ref() {
+            return Ok(h.clone());
         }
-        let profile = self.default_profile()?;
-        let mut t = profile.thresholds(&vec![density; self.config().num_layers]);
-        t.meta = json!({"method": "tda", "calibration": "density", "density": density, "text": "default corpus",
-                        "windows": profile.windows});
-        let t = Arc::new(t);
-        self.shared.density_thresholds.lock().unwrap_or_else(|p| p.into_inner()).insert(density.to_bits(), t.clone());
-        Ok(t)
+        let tokens = self.tokenize(DEFAULT_CORPUS, false)?;
+        let len = self.window_len(VALIDATION_LEN);
+        let wins = windows(&tokens, &self.bos_prefix()?, len, CALIBRATION_WINDOWS);
+        let h = Arc::new(self.gate_histogram(&wins, len, &mut Progress::new(None))?);
+        *guard = Some(h.clone());
+        Ok(h)
     }
 
     fn default_profile(&self) -> Result<Arc<LengthProfile>> {
@@ -410,10 +487,19 @@ impl Engine {
                 let t = self.calibrate_densities(texts, &[d], opts)?.pop();
                 Ok((t.ok_or_else(|| Error::Internal("no thresholds".into()))?, None))
             }
-            CalibrationTarget::MaxPplIncrease(b) => {
-                if !(b > 0.0 && b.is_finite()) {
-                    return Err(Error::arg(format!("max_ppl_increase must be > 0, got {b}")));
-                }
+            CalibrationTarget::Gate { density, keep } => {
+                let t = self.calibrate_gates(texts, &[(density, keep)], opts)?.pop();
+                Ok((t.ok_or_else(|| Error::Internal("no thresholds".into()))?, None))
+            }
+            CalibrationTarget::MaxPplIncrease(_) | CalibrationTarget::FfnBytes(_) => {
+                let budget = match target {
+                    CalibrationTarget::FfnBytes(b) => Budget::FfnBytes(b),
+                    _ => Budget::MaxPplIncrease(match target {
+                        CalibrationTarget::MaxPplIncrease(b) => b,
+                        _ => unreachable!("matched above"),
+                    }),
+                };
+                budget.check()?;
                 let (tokens, source) = self.calibration_tokens(texts)?;
                 // Held-out validation windows from the end of the text, the profile from the rest.
                 let vlen = self.window_len(VALIDATION_LEN);
@@ -425,15 +511,16 @@ impl Engine {
                 let val = windows(&tokens[split..], &bos, vlen, nval);
                 if val.is_empty() || split < DEFAULT_LENGTHS[0] {
                     return Err(Error::arg(format!(
-                        "calibration text is too short for max_ppl_increase: {} tokens, need at least {}",
+                        "calibration text is too short for a budget search: {} tokens, need at least {}",
                         tokens.len(),
                         vlen + longest
                     )));
                 }
                 let mut progress = Progress::new(opts.progress.clone());
-                progress.add_total(val.len() + BUDGET_STEPS);
+                progress.add_total(val.len() + budget_steps(self.config().num_layers));
                 let profile = self.profile(&tokens[..split], opts, &mut progress)?;
-                let (mut t, report) = budget_search(&self.shared.model, &profile, &val, vlen / 2, b, &mut progress)?;
+                let (mut t, report) =
+                    budget_search(&self.shared.model, &profile, &val, vlen / 2, budget, opts.methods, &mut progress)?;
                 progress.finish()?;
                 if let Some(m) = t.meta.as_object_mut() {
                     m.insert("text".into(), json!(source));
@@ -443,6 +530,52 @@ impl Engine {
                 Ok((t, Some(report)))
             }
         }
+    }
+
+    /// CATS (`density` 1) or hybrid thresholds from `texts`, for several `(density, keep)` pairs
+    /// from one pass over the text: the superset as TDA at `density` (the length-aware profile of
+    /// the text), and per layer the gate threshold that the fraction `keep` of the superset's gate
+    /// values passes in dense continuations of the text's windows (half of each window runs
+    /// densely and ranks the neurons).
+    pub fn calibrate_gates(
+        &self,
+        texts: &[String],
+        pairs: &[(f64, f64)],
+        opts: &CalibrationOptions,
+    ) -> Result<Vec<Thresholds>> {
+        pairs.iter().try_for_each(|&(d, k)| check_density(d).and_then(|_| check_keep(k)))?;
+        let layers = self.config().num_layers;
+        let (tokens, source) = self.calibration_tokens(texts)?;
+        let len = self.window_len(VALIDATION_LEN);
+        let wins = windows(&tokens, &self.bos_prefix()?, len, opts.max_windows.max(1));
+        if wins.is_empty() {
+            return Err(Error::arg(format!(
+                "calibration text is too short for gate calibration: {} tokens, need at least {len}",
+                tokens.len()
+            )));
+        }
+        let mut progress = Progress::new(opts.progress.clone());
+        let profile = match pairs.iter().any(|&(d, _)| d < 1.0) {
+            true => Some(self.profile(&tokens, opts, &mut progress)?),
+            false => None,
+        };
+        let hist = self.gate_histogram(&wins, len, &mut progress)?;
+        progress.finish()?;
+        Ok(pairs
+            .iter()
+            .map(|&(density, keep)| {
+                let mut t = match &profile {
+                    Some(p) if density < 1.0 => p.thresholds(&vec![density; layers]),
+                    _ => Thresholds::fixed(vec![0.0; layers]),
+                };
+                t.gate = (0..layers).map(|l| hist.threshold(l, density, keep)).collect();
+                let method = if density < 1.0 { "hybrid" } else { "cats" };
+                t.meta = json!({"method": method, "calibration": "keep", "density": density, "keep": keep,
+                                "text": source, "text_tokens": tokens.len(), "windows": wins.len(),
+                                "gate_pairs": hist.pairs});
+                t
+            })
+            .collect())
     }
 
     /// The calibration text's tokens (the default corpus when `texts` is empty) and its description.
@@ -484,7 +617,7 @@ impl Engine {
 
     /// Log-probabilities of `ids[prefix_len..]` with the continuation run under `spec`'s mask
     /// (the first comes from the dense prefix), and the kept neurons per layer.
-    pub fn score_prefixed(&self, p: &mut Prefixed, spec: &Sparsity) -> Result<(Vec<f32>, Vec<usize>)> {
+    pub fn score_prefixed(&self, p: &mut Prefixed, spec: &Sparsity) -> Result<Scored> {
         p.score(&self.resolve(spec)?)
     }
 
@@ -495,7 +628,7 @@ impl Engine {
 
     /// Log-probabilities of `ids[prefix_len..]` under each spec; `ids[..prefix_len]` run densely
     /// once and choose the masks. Returns, per spec, the log-probs and the kept neurons per layer.
-    pub fn score(&self, ids: &[u32], prefix_len: usize, specs: &[Sparsity]) -> Result<Vec<(Vec<f32>, Vec<usize>)>> {
+    pub fn score(&self, ids: &[u32], prefix_len: usize, specs: &[Sparsity]) -> Result<Vec<Scored>> {
         let specs = specs.iter().map(|s| self.resolve(s)).collect::<Result<Vec<_>>>()?;
         let mut p = self.prefill_scored(ids, prefix_len)?;
         specs.iter().map(|s| self.score_prefixed(&mut p, s)).collect()

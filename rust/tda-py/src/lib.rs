@@ -11,7 +11,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tda_core::engine::{CalibrationOptions, CalibrationTarget};
-use tda_core::sparsity::calibrate::ProgressFn;
+use tda_core::sparsity::calibrate::{Budget, ProgressFn};
+use tda_core::sparsity::gate::Methods;
 use tda_core::{Error, GenerateOptions, Generation, GenerationOutput, Sparsity, Thresholds};
 
 /// The one place core errors become Python exceptions.
@@ -73,17 +74,21 @@ struct PyOptions {
     sparsity: PySparsity,
 }
 
-/// A sparsity spec as `tda_engine.Sparsity._native()` builds it: `(method, density, thresholds_json)`
-/// with method "dense", "griffin", "tda_density" or "tda".
-type PySparsity = (String, Option<f64>, Option<String>);
+/// A sparsity spec as `tda_engine.Sparsity._native()` builds it: `(method, density, keep,
+/// thresholds_json)` with method "dense", "griffin", "tda_density", "cats", "hybrid" or "tda".
+type PySparsity = (String, Option<f64>, Option<f64>, Option<String>);
 
 fn sparsity_from(s: PySparsity) -> PyResult<Sparsity> {
-    let (method, density, json) = s;
-    let need = |d: Option<f64>| d.ok_or_else(|| PyValueError::new_err(format!("sparsity '{method}' needs a density")));
+    let (method, density, keep, json) = s;
+    let need = |d: Option<f64>, what: &str| {
+        d.ok_or_else(|| PyValueError::new_err(format!("sparsity '{method}' needs a {what}")))
+    };
     Ok(match method.as_str() {
         "dense" => Sparsity::Dense,
-        "griffin" => Sparsity::Griffin { density: need(density)? },
-        "tda_density" => Sparsity::TdaDensity(need(density)?),
+        "griffin" => Sparsity::Griffin { density: need(density, "density")? },
+        "tda_density" => Sparsity::TdaDensity(need(density, "density")?),
+        "cats" => Sparsity::Cats(need(keep, "keep fraction")?),
+        "hybrid" => Sparsity::Hybrid { density: need(density, "density")?, keep: need(keep, "keep fraction")? },
         "tda" => {
             let text = json.ok_or_else(|| PyValueError::new_err("sparsity 'tda' needs thresholds"))?;
             let v: serde_json::Value =
@@ -92,19 +97,24 @@ fn sparsity_from(s: PySparsity) -> PyResult<Sparsity> {
         }
         other => {
             return Err(PyValueError::new_err(format!(
-                "unknown sparsity method '{other}'; expected 'dense', 'tda' or 'griffin'"
+                "unknown sparsity method '{other}'; expected 'dense', 'tda', 'griffin', 'cats' or 'hybrid'"
             )))
         }
     })
 }
 
-fn calibration_options(lengths: Option<Vec<usize>>, max_windows: Option<usize>) -> CalibrationOptions {
+fn calibration_options(
+    lengths: Option<Vec<usize>>,
+    max_windows: Option<usize>,
+    methods: Option<&str>,
+) -> PyResult<CalibrationOptions> {
     let d = CalibrationOptions::default();
-    CalibrationOptions {
+    Ok(CalibrationOptions {
         lengths: lengths.unwrap_or(d.lengths),
         max_windows: max_windows.unwrap_or(d.max_windows),
         progress: None,
-    }
+        methods: methods.map(Methods::parse).transpose().map_err(to_py)?.unwrap_or(d.methods),
+    })
 }
 
 /// Runs long work `f` without the GIL, handing it a progress function that takes the GIL at each
@@ -174,6 +184,7 @@ fn output_dict<'py>(py: Python<'py>, o: GenerationOutput) -> PyResult<Bound<'py,
     d.set_item("decode_tokens_per_s", o.timings.decode_tokens_per_s())?;
     d.set_item("logprobs", o.logprobs)?;
     d.set_item("ffn_active", o.ffn_active)?;
+    d.set_item("ffn_bytes", o.ffn_bytes)?;
     Ok(d)
 }
 
@@ -277,18 +288,19 @@ impl Engine {
         Ok(PyArray1::from_vec(py, logits).reshape([n, v])?.into_any())
     }
 
-    /// Log-probs of `ids[prefix_len:]` under each spec: a list of (float32 array, kept counts).
+    /// Log-probs of `ids[prefix_len:]` under each spec: a list of (float32 array, kept counts,
+    /// FFN bytes fraction).
     fn score<'py>(
         &self,
         py: Python<'py>,
         ids: Vec<i64>,
         prefix_len: usize,
         specs: Vec<PySparsity>,
-    ) -> PyResult<Vec<(Bound<'py, PyAny>, Vec<usize>)>> {
+    ) -> PyResult<Vec<(Bound<'py, PyAny>, Vec<usize>, f64)>> {
         let ids = to_ids(ids, "ids")?;
         let specs = specs.into_iter().map(sparsity_from).collect::<PyResult<Vec<_>>>()?;
         let out = compute(py, || self.inner.score(&ids, prefix_len, &specs))?;
-        Ok(out.into_iter().map(|(lp, k)| (PyArray1::from_vec(py, lp).into_any(), k)).collect())
+        Ok(out.into_iter().map(|r| (PyArray1::from_vec(py, r.logprobs).into_any(), r.kept, r.ffn_bytes)).collect())
     }
 
     /// `{"tda": [...], "griffin": [...]}`: per layer, every neuron's scores over the prompt.
@@ -317,32 +329,50 @@ impl Engine {
         Ok(kept.into_iter().map(|k| PyArray1::from_vec(py, k).into_any()).collect())
     }
 
-    /// Calibrates TDA thresholds; returns (thresholds JSON, report dict or None).
-    #[pyo3(signature = (texts, density = None, max_ppl_increase = None, lengths = None, max_windows = None, progress = None))]
+    /// Calibrates thresholds; returns (thresholds JSON, report dict or None).
+    #[pyo3(signature = (texts, density = None, max_ppl_increase = None, ffn_bytes = None, keep = None, method = None,
+                        lengths = None, max_windows = None, progress = None))]
+    #[allow(clippy::too_many_arguments)]
     fn calibrate<'py>(
         &self,
         py: Python<'py>,
         texts: Vec<String>,
         density: Option<f64>,
         max_ppl_increase: Option<f64>,
+        ffn_bytes: Option<f64>,
+        keep: Option<f64>,
+        method: Option<&str>,
         lengths: Option<Vec<usize>>,
         max_windows: Option<usize>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<(String, Option<Bound<'py, PyDict>>)> {
-        let target = match (density, max_ppl_increase) {
-            (Some(d), None) => CalibrationTarget::Density(d),
-            (None, Some(b)) => CalibrationTarget::MaxPplIncrease(b),
-            _ => return Err(PyValueError::new_err("give exactly one of density= and max_ppl_increase=")),
+        let target = match (density, max_ppl_increase, ffn_bytes, keep) {
+            (Some(d), None, None, None) => CalibrationTarget::Density(d),
+            (d, None, None, Some(k)) => CalibrationTarget::Gate { density: d.unwrap_or(1.0), keep: k },
+            (None, Some(b), None, None) => CalibrationTarget::MaxPplIncrease(b),
+            (None, None, Some(b), None) => CalibrationTarget::FfnBytes(b),
+            _ => {
+                return Err(PyValueError::new_err(
+                    "give one of density= (TDA), keep= (CATS), density= and keep= (hybrid), max_ppl_increase= or \
+                     ffn_bytes=",
+                ))
+            }
         };
-        let opts = calibration_options(lengths, max_windows);
+        let opts = calibration_options(lengths, max_windows, method)?;
         let (th, report) = compute_with_progress(py, progress, |p| {
             self.inner.calibrate(&texts, target, &CalibrationOptions { progress: Some(p), ..opts })
         })?;
         let report = report
             .map(|r| -> PyResult<Bound<'py, PyDict>> {
                 let d = PyDict::new(py);
-                d.set_item("max_ppl_increase", r.max_ppl_increase)?;
+                match r.budget {
+                    Budget::MaxPplIncrease(b) => d.set_item("max_ppl_increase", b)?,
+                    Budget::FfnBytes(b) => d.set_item("ffn_bytes_budget", b)?,
+                }
+                d.set_item("methods", format!("{:?}", r.methods).to_lowercase())?;
                 d.set_item("layer_densities", r.layer_densities)?;
+                d.set_item("layer_keeps", r.layer_keeps)?;
+                d.set_item("ffn_bytes", r.ffn_bytes)?;
                 d.set_item("ppl_dense", r.ppl_dense)?;
                 d.set_item("ppl", r.ppl)?;
                 d.set_item("kept_fraction", r.kept_fraction)?;
@@ -365,11 +395,40 @@ impl Engine {
         max_windows: Option<usize>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Vec<String>> {
-        let opts = calibration_options(lengths, max_windows);
+        let opts = calibration_options(lengths, max_windows, None)?;
         let th = compute_with_progress(py, progress, |p| {
             self.inner.calibrate_densities(&texts, &densities, &CalibrationOptions { progress: Some(p), ..opts })
         })?;
         Ok(th.into_iter().map(|t| t.to_json().to_string()).collect())
+    }
+
+    /// CATS / hybrid calibration for several (density, keep) pairs in one pass; a list of
+    /// thresholds JSON.
+    #[pyo3(signature = (texts, pairs, lengths = None, max_windows = None, progress = None))]
+    fn calibrate_gates(
+        &self,
+        py: Python<'_>,
+        texts: Vec<String>,
+        pairs: Vec<(f64, f64)>,
+        lengths: Option<Vec<usize>>,
+        max_windows: Option<usize>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Vec<String>> {
+        let opts = calibration_options(lengths, max_windows, None)?;
+        let th = compute_with_progress(py, progress, |p| {
+            self.inner.calibrate_gates(&texts, &pairs, &CalibrationOptions { progress: Some(p), ..opts })
+        })?;
+        Ok(th.into_iter().map(|t| t.to_json().to_string()).collect())
+    }
+
+    /// The thresholds a spec resolves to (the engine's own calibration, made once, for `tda`
+    /// densities, `cats` and `hybrid`), as JSON; None for dense and GRIFFIN.
+    fn resolved_thresholds(&self, py: Python<'_>, spec: PySparsity) -> PyResult<Option<String>> {
+        let spec = sparsity_from(spec)?;
+        Ok(match compute(py, || self.inner.resolve(&spec))? {
+            Sparsity::Tda(t) => Some(t.to_json().to_string()),
+            _ => None,
+        })
     }
 
     /// The engine's own thresholds for a density (calibrated once on the default corpus), as JSON.

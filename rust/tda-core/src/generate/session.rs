@@ -194,8 +194,12 @@ pub struct GenerationOutput {
     pub prompt_tokens: usize,
     pub logprobs: Option<Vec<f32>>,
     pub timings: Timings,
-    /// Neurons each FFN layer computed while decoding (`intermediate_size` when dense).
+    /// Neurons each FFN layer computed while decoding (`intermediate_size` when dense): with a
+    /// per-token gate, the superset the gate ran over.
     pub ffn_active: Vec<usize>,
+    /// The mean fraction of FFN weight bytes read per decoded token (1 when dense), as the
+    /// kernels counted them ([`Model::ffn_bytes`]).
+    pub ffn_bytes: f64,
 }
 
 /// One generation in progress. Holds a run state from the model's pool and gives it back on drop.
@@ -295,6 +299,10 @@ impl Generation {
             logprobs: self.opts.logprobs.then(|| std::mem::take(&mut self.logprobs)),
             timings: self.timings.clone(),
             ffn_active: std::mem::take(&mut self.ffn_active),
+            ffn_bytes: match (&self.state, self.opts.sparsity.is_dense()) {
+                (Some(st), false) => self.model.ffn_bytes(st),
+                _ => 1.0,
+            },
         }
     }
 

@@ -21,6 +21,10 @@ use crate::quant::{QBlocks, QType};
 use candle_core::{DType, Tensor};
 use std::any::Any;
 
+/// Why a gated sparsity spec cannot run on the CUDA backend.
+pub const GATED_ON_CUDA: &str =
+    "per-token gating ('cats', 'hybrid', thresholds with a 'gate') has no CUDA kernels yet; use device='cpu'";
+
 /// An f32 buffer where a backend's kernels read and write it.
 pub enum Buf {
     Host(Vec<f32>),
@@ -234,16 +238,25 @@ pub trait Backend: Send + Sync {
 
     /// Writes the token ids and first position of the next forward into `step`.
     fn set_step(&self, step: &mut Step, tokens: &[u32], start: usize) -> Result<()>;
-    /// Makes `scratch` hold the kept neurons of one layer (`kept`, ascending; `None` = all of them)
-    /// and the 0/1 row `keep_row` (length `n`), unless it already holds selection `version`.
+    /// Makes `scratch` hold the kept neurons of one layer (`kept`, ascending; `None` = all of them),
+    /// the 0/1 row `keep_row` (length `n`) and the per-token gate threshold `gate` (0: none), unless
+    /// it already holds selection `version`. A new selection restarts [`Backend::ffn_counts`].
+    #[allow(clippy::too_many_arguments)]
     fn prepare_ffn(
         &self,
         w: &FfnWeights<'_>,
         kept: Option<&[u32]>,
         keep_row: &[f32],
+        gate: f32,
         version: u64,
         scratch: &mut FfnScratch,
     ) -> Result<()>;
+    /// For a gated layer (see [`Backend::prepare_ffn`]) holding selection `version`: how many token
+    /// rows ran sparse since the selection, and how many neurons passed the gate over all of them
+    /// (what the up and down projections read). `None` when `scratch` holds another selection.
+    fn ffn_counts(&self, _scratch: &FfnScratch, _version: u64) -> Option<(u64, u64)> {
+        None
+    }
     /// Runs one forward pass `f` where the backend's host threads are. The CPU runs it on a thread
     /// of its pool, so that the forward's parallel loops fork and join inside the pool (tens of
     /// nanoseconds) instead of each waking the pool from outside (about 20 us, twice a context
@@ -321,6 +334,22 @@ pub trait Backend: Send + Sync {
     fn observe(&self, a: &Buf, rows: usize, n: usize, acc: &mut Buf, offset: usize) -> Result<()>;
     /// Zeroes the columns of `a` (`rows x n`) that `scratch`'s keep row marks as skipped.
     fn mask_cols(&self, a: &mut Buf, rows: usize, n: usize, scratch: &FfnScratch) -> Result<()>;
+    /// Sparse many-row FFN activation: `a = act(a) * u` over `rows x n` values, zero for the neurons
+    /// `scratch` skips: outside its kept set, or (a gated layer) where `|act(a)|` is below the gate
+    /// threshold, row by row, as decoding decides it. Counts the passing neurons for
+    /// [`Backend::ffn_counts`].
+    fn sparse_act(
+        &self,
+        act: Activation,
+        a: &mut Buf,
+        u: &Buf,
+        rows: usize,
+        n: usize,
+        scratch: &mut FfnScratch,
+    ) -> Result<()> {
+        self.gate_act(act, a, u, rows * n)?;
+        self.mask_cols(a, rows, n, scratch)
+    }
     /// One row through a gated FFN: `out = sum_j act(g_j . x + bg_j) * (u_j . x + bu_j) * down_t_j`
     /// over every neuron (`sparse` false) or the neurons `scratch` keeps; reads only their rows.
     fn ffn_decode(

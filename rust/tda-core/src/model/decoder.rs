@@ -163,13 +163,47 @@ impl Model {
         per_layer + self.lm_head.weight.bytes() + norms
     }
 
-    /// Bytes of weights one decode step reads when the FFN keeps `kept[l]` neurons of layer `l`.
-    /// (A quantized FFN decodes sparse from `Wd^T`, requantized: its kept rows are counted, not
-    /// the stored `Wd` that dense decoding reads.)
-    pub fn sparse_decode_weight_bytes(&self, kept: &[usize]) -> usize {
-        let dense: usize = self.layers.iter().map(|l| l.ffn.dense_bytes()).sum();
-        let sparse: usize = self.layers.iter().zip(kept).map(|(l, &k)| k * l.ffn.bytes_per_neuron()).sum();
-        self.decode_weight_bytes() - dense + sparse
+    /// The mean fraction of the FFN weight bytes of a dense decode step that one sparse token row
+    /// read under `st`'s mask, as delivered: the kept rows of every layer, and for gated layers the
+    /// gate rows of the kept neurons plus the up and down rows of those that passed, counted by
+    /// the kernels since the selection. A gated layer that has run no sparse row yet counts all of
+    /// its kept neurons.
+    pub fn ffn_bytes(&self, st: &State) -> f64 {
+        let m = &st.mask;
+        let counts = m.counts();
+        let (mut read, mut dense) = (0f64, 0f64);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let f = &layer.ffn;
+            dense += f.dense_bytes() as f64;
+            read += if m.layer_dense(l) {
+                f.dense_bytes() as f64
+            } else if m.gate(l) == 0.0 {
+                (counts[l] * f.bytes_per_neuron()) as f64
+            } else {
+                let passed = match self.be.ffn_counts(&st.ffn[l], m.version()) {
+                    Some((rows, passed)) if rows > 0 => passed as f64 / rows as f64,
+                    _ => counts[l] as f64,
+                };
+                let (g, ud) = (f.gate.weight.row_bytes(), f.up.weight.row_bytes() + f.down_t.row_bytes());
+                counts[l] as f64 * g as f64 + passed * ud as f64
+            };
+        }
+        read / dense.max(1.0)
+    }
+
+    /// Bytes of FFN weights a dense decode step reads.
+    pub fn ffn_dense_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.ffn.dense_bytes()).sum()
+    }
+
+    /// Bytes of all of layer `l`'s gate rows, and of all its up and down rows, as sparse decoding
+    /// reads them, each as a fraction of the bytes dense decoding reads.
+    pub fn ffn_costs(&self, l: usize) -> (f64, f64) {
+        let f = &self.layers[l].ffn;
+        let (n, dense) = (f.neurons() as f64, f.dense_bytes().max(1) as f64);
+        let gate = f.gate.weight.row_bytes() as f64;
+        let rest = (f.up.weight.row_bytes() + f.down_t.row_bytes()) as f64;
+        (n * gate / dense, n * rest / dense)
     }
 
     /// Bytes of the weight matrices the model holds, per storage type (`q4_1`, `float32`, ...;
@@ -290,7 +324,7 @@ impl Model {
         if mode == FfnMode::Sparse {
             for (l, layer) in self.layers.iter().enumerate() {
                 let m = &st.mask;
-                be.prepare_ffn(&layer.ffn.weights(), m.kept(l), m.keep_row(l), m.version(), &mut st.ffn[l])?;
+                be.prepare_ffn(&layer.ffn.weights(), m.kept(l), m.keep_row(l), m.gate(l), m.version(), &mut st.ffn[l])?;
             }
         }
         if mode == FfnMode::Observe {
@@ -299,7 +333,7 @@ impl Model {
 
         match logits {
             // A decode step: the same kernels every token, so a device backend may replay a recording.
-            Logits::Last if n == 1 => {
+            Logits::Last if n == 1 && mode != FfnMode::Histogram => {
                 let mut graphs = st.graphs.take();
                 let r = be.run_graph(&mut graphs, mode as u64, &mut || self.run(st, n, mode, Read::Last));
                 st.graphs = graphs;
@@ -351,7 +385,7 @@ impl Model {
                 pn.forward_inplace(be, &mut st.out, n)?;
             }
             be.add(&mut st.x, &st.out, n * d)?;
-            if li == last_layer && mode != FfnMode::Observe && n > 1 {
+            if li == last_layer && !mode.observes() && n > 1 {
                 match read {
                     Read::All => {}
                     Read::Nothing => break,
@@ -374,6 +408,8 @@ impl Model {
                 scratch: &mut st.ffn[li],
                 stats: &mut st.stats_acc,
                 stats_offset: 2 * li * n_ffn,
+                hist: st.gate_hist.as_deref_mut(),
+                layer: li,
             };
             layer.ffn.forward(be, &st.xb, rows, mode, bufs, &mut st.out)?;
             if let Some(pn) = &layer.post_ffn_norm {

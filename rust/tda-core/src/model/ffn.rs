@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::kernels::{Backend, Buf, FfnScratch, FfnWeights, Matrix};
 use crate::load::{Precision, WeightData, WeightSource};
 use crate::quant::{QBlocks, QType};
+use crate::sparsity::gate::GateHistogram;
 use candle_core::{Device, Tensor};
 
 /// What the FFN does besides computing its output.
@@ -29,6 +30,17 @@ pub enum FfnMode {
     ///
     /// [`NeuronMask`]: crate::sparsity::NeuronMask
     Sparse,
+    /// Every neuron, adding the gate values to the state's [`GateHistogram`] (gate calibration).
+    ///
+    /// [`GateHistogram`]: crate::sparsity::gate::GateHistogram
+    Histogram,
+}
+
+impl FfnMode {
+    /// Whether every row's FFN output is needed besides the logits (statistics are collected).
+    pub fn observes(self) -> bool {
+        matches!(self, FfnMode::Observe | FfnMode::Histogram)
+    }
 }
 
 pub struct Ffn {
@@ -53,6 +65,9 @@ pub struct FfnBuffers<'a> {
     /// The forward's statistics accumulator and this layer's offset in it.
     pub stats: &'a mut Buf,
     pub stats_offset: usize,
+    /// Gate calibration's histogram ([`FfnMode::Histogram`]) and this layer's index.
+    pub hist: Option<&'a mut GateHistogram>,
+    pub layer: usize,
 }
 
 /// The block type of the transposed down projection of a quantized FFN whose `Wd` is stored as
@@ -158,7 +173,7 @@ impl Ffn {
         out: &mut Buf,
     ) -> Result<()> {
         let (n, d) = (self.neurons(), self.gate.in_dim);
-        if rows == 1 && mode != FfnMode::Observe {
+        if rows == 1 && !mode.observes() {
             be.ffn_decode(&self.weights(), mode == FfnMode::Sparse, b.scratch, x, out)?;
             if let Some(bias) = &self.down_bias {
                 be.add(out, bias, d)?;
@@ -167,11 +182,19 @@ impl Ffn {
         }
         self.gate.forward(be, x, rows, b.a)?;
         self.up.forward(be, x, rows, b.u)?;
-        be.gate_act(self.act, b.a, b.u, rows * n)?;
+        if let (FfnMode::Histogram, Some(h)) = (mode, b.hist) {
+            h.g.resize(rows * n, 0.0);
+            h.u.resize(rows * n, 0.0);
+            be.download(b.a, &mut h.g)?;
+            be.download(b.u, &mut h.u)?;
+            h.add(b.layer, rows);
+        }
         match mode {
-            FfnMode::Observe => be.observe(b.a, rows, n, b.stats, b.stats_offset)?,
-            FfnMode::Sparse => be.mask_cols(b.a, rows, n, b.scratch)?,
-            FfnMode::Dense => {}
+            FfnMode::Sparse => be.sparse_act(self.act, b.a, b.u, rows, n, b.scratch)?,
+            _ => be.gate_act(self.act, b.a, b.u, rows * n)?,
+        }
+        if mode == FfnMode::Observe {
+            be.observe(b.a, rows, n, b.stats, b.stats_offset)?;
         }
         match (&self.down, mode) {
             (Some(down), FfnMode::Dense | FfnMode::Observe) => be.linear(down, self.down_bias.as_ref(), b.a, rows, out),

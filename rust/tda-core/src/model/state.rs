@@ -7,6 +7,7 @@ use super::rope::RopeTable;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kernels::{Backend, Buf, FfnScratch, Graphs, Step};
+use crate::sparsity::gate::GateHistogram;
 use crate::sparsity::{NeuronMask, NeuronStats};
 
 pub struct State {
@@ -36,6 +37,10 @@ pub struct State {
     pub stats: NeuronStats,
     /// The neurons sparse decoding keeps.
     pub mask: NeuronMask,
+    /// Gate calibration's histogram while [`FfnMode::Histogram`] forwards run.
+    ///
+    /// [`FfnMode::Histogram`]: super::FfnMode::Histogram
+    pub gate_hist: Option<Box<GateHistogram>>,
     /// Logits of the last token, `vocab`.
     pub logits: Buf,
     pub(crate) logits_host: Vec<f32>,
@@ -66,6 +71,7 @@ impl State {
             stats_host: vec![0.0; 2 * l * n],
             stats: NeuronStats::new(l, n),
             mask: NeuronMask::new(l, n),
+            gate_hist: None,
             logits: be.zeros(cfg.vocab_size)?,
             logits_host: vec![0.0; cfg.vocab_size],
             cache: KvCache::new(be, l, cfg.kv_dim(), capacity)?,

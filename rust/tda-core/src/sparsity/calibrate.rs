@@ -1,4 +1,4 @@
-//! Calibration: from text to TDA thresholds.
+//! Calibration: from text to TDA thresholds, gate thresholds, and per-layer settings under a budget.
 //!
 //! **Density.** Run calibration windows densely and pool each layer's TDA scores; the threshold
 //! for density `d` is the pooled `(1 - d)` quantile. Scores depend on the prompt length: a score
@@ -10,15 +10,19 @@
 //! interpolated in `log S` ([`Thresholds::at`]). Short prompts' scores vary most between
 //! prompts, so the engine adds extra short windows from positions spread over the text.
 //!
-//! **Quality budget.** Find per-layer densities `d_l` that keep as few FFN weights as possible
-//! while the perplexity of held-out windows stays within `(1 + budget)` times dense. The
-//! sensitivity of layer `l` at density `d` is estimated from one dense pass per validation window
-//! as the share of the layer's output energy that the skipped neurons carry,
-//! `E_l(d) = sum_{j skipped} e_j / sum_j e_j` with `e_j = sum_t A[t, j]^2 * ||Wd[:, j]||^2` over
-//! the scored tokens. For a multiplier `mu`, each layer takes `d_l = argmin_d d + mu E_l(d)`
-//! (the Lagrangian of "fewest weights for a total error"); `mu` is then bisected against the
-//! real held-out perplexity, so the budget is checked by measurement, not by the estimate.
+//! **Budgets.** Find per-layer settings that read as few FFN bytes as possible while the
+//! perplexity of held-out windows stays within `(1 + budget)` times dense (`MaxPplIncrease`), or
+//! the lowest perplexity within a byte budget (`FfnBytes`). A layer's setting is a superset
+//! density `d_l` (TDA, from the length-aware profile) and a per-token keep fraction `k_l` (a gate
+//! threshold; 1 = no gate), so TDA, CATS and the hybrid are all points of one search. Each
+//! setting's bytes and error are estimated from one dense pass per validation window
+//! ([`GateHistogram`]): the error is the share of the layer's output energy that the skipped
+//! (token, neuron) pairs carry, `sum A[t, j]^2 * ||Wd[:, j]||^2`. For a multiplier `mu`, each layer
+//! takes the setting minimising `bytes + mu * error` (the Lagrangian of "fewest bytes for a total
+//! error"); `mu` is then bisected against the real held-out perplexity or the measured bytes, so
+//! the budget is checked by measurement, not by the estimate.
 
+use super::gate::{GateHistogram, Methods, Setting, RANK_BUCKETS};
 use super::score::Prefixed;
 use super::spec::{Sparsity, Thresholds};
 use crate::error::{Error, Result};
@@ -125,7 +129,7 @@ impl LengthProfile {
             .map(|per_len| per_len.iter().zip(densities).map(|(pool, &d)| quantile_threshold(pool, d)).collect())
             .collect();
         let prompt_lengths = if self.lengths.len() > 1 { self.lengths.clone() } else { vec![] };
-        Thresholds { prompt_lengths, values, meta: json!({}) }
+        Thresholds { prompt_lengths, values, gate: vec![], meta: json!({}) }
     }
 }
 
@@ -144,145 +148,261 @@ pub fn windows(tokens: &[u32], bos: &[u32], len: usize, max: usize) -> Vec<Vec<u
     tokens.chunks(body).filter(|c| c.len() == body).take(max).map(|c| bos.iter().chain(c).copied().collect()).collect()
 }
 
-/// What quality-budget calibration found.
+/// What a budget search aims for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// The fewest FFN bytes with held-out perplexity at most `(1 + b)` times dense.
+    MaxPplIncrease(f64),
+    /// The lowest held-out perplexity reading at most this fraction of the FFN bytes per token.
+    FfnBytes(f64),
+}
+
+impl Budget {
+    pub fn check(&self) -> Result<()> {
+        match *self {
+            Budget::MaxPplIncrease(b) if !(b > 0.0 && b.is_finite()) => {
+                Err(Error::arg(format!("max_ppl_increase must be > 0, got {b}")))
+            }
+            Budget::FfnBytes(b) if !(b > 0.0 && b <= 1.0) => {
+                Err(Error::arg(format!("ffn_bytes must be in (0, 1], got {b}")))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What a budget search found.
 #[derive(Debug, Clone)]
 pub struct BudgetReport {
-    pub max_ppl_increase: f64,
+    pub budget: Budget,
+    pub methods: Methods,
+    /// Per layer: the prompt's superset density and the per-token keep fraction (1: no gate).
     pub layer_densities: Vec<f64>,
+    pub layer_keeps: Vec<f64>,
     pub ppl_dense: f64,
     pub ppl: f64,
-    /// Fraction of FFN neurons kept on the validation windows.
+    /// Fraction of FFN neurons in the prompt's supersets on the validation windows.
     pub kept_fraction: f64,
+    /// The mean fraction of FFN bytes a decoded token reads on the validation windows, measured.
+    pub ffn_bytes: f64,
     pub evaluations: usize,
     pub validation_tokens: usize,
 }
 
-/// Density grid of the budget search.
-const GRID: [f64; 20] =
-    [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0];
-
-/// Steps of [`budget_search`] after its validation windows: the bisection's evaluations.
+/// Steps of [`budget_search`]'s bisection.
 pub const BUDGET_STEPS: usize = 14;
 
-/// Quality-budget calibration over validation windows (`prefix` dense tokens, the rest scored).
-/// `progress` counts a step per validation window and per bisection step ([`BUDGET_STEPS`]).
+/// Steps of [`budget_search`] after its validation windows, for a model of `layers` layers: one
+/// sensitivity measurement per layer, then the bisection's evaluations.
+pub fn budget_steps(layers: usize) -> usize {
+    layers + BUDGET_STEPS
+}
+
+/// One evaluation of a plan on the validation windows.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    ppl: f64,
+    kept: f64,
+    bytes: f64,
+}
+
+/// Budget calibration over validation windows (`prefix` dense tokens, the rest scored), searching
+/// per layer over the settings `methods` allows: the prompt's superset density (TDA thresholds
+/// from `profile`) and the per-token gate's keep fraction (thresholds from the validation windows'
+/// own gate histogram).
+///
+/// From one dense pass per window, every layer's settings are priced in bytes and in estimated
+/// error (the share of the layer's output energy the skipped pairs carry, [`GateHistogram`]). For
+/// a multiplier `mu`, each layer takes the setting minimising `bytes + mu * error` (the Lagrangian
+/// of "fewest bytes for a total error"); `mu` is then bisected against the real held-out
+/// perplexity (`MaxPplIncrease`) or the measured bytes (`FfnBytes`), so the budget is checked by
+/// measurement, not by the estimate. `progress` counts a step per validation window and per
+/// bisection step ([`BUDGET_STEPS`]).
+#[allow(clippy::too_many_arguments)]
 pub fn budget_search(
     model: &Arc<Model>,
     profile: &LengthProfile,
     validation: &[Vec<u32>],
     prefix: usize,
-    max_increase: f64,
+    budget: Budget,
+    methods: Methods,
     progress: &mut Progress,
 ) -> Result<(Thresholds, BudgetReport)> {
-    if !(max_increase > 0.0 && max_increase.is_finite()) {
-        return Err(Error::arg(format!("max_ppl_increase must be > 0, got {max_increase}")));
-    }
+    budget.check()?;
     let layers = model.cfg.num_layers;
-    let down_norms = model.down_row_norms()?;
-    // Per window: dense prefix (kept for every evaluation), and the layers' sensitivity curves.
+    let mut hist =
+        Box::new(GateHistogram::new(layers, model.cfg.intermediate_size, model.cfg.act, model.down_row_norms()?));
     let mut prefixed = Vec::with_capacity(validation.len());
-    let mut sens = vec![vec![0f64; GRID.len()]; layers];
-    let mut dense_lp = 0f64;
-    let mut tokens = 0usize;
-    let mut scores = Vec::new();
-    let mut taus = Vec::new();
-    let grid_thresholds: Vec<Thresholds> = GRID.iter().map(|&d| profile.thresholds(&vec![d; layers])).collect();
+    let (mut dense_lp, mut tokens) = (0f64, 0usize);
     for w in validation {
         progress.step()?;
         let mut p = Prefixed::new(model, w, prefix)?;
-        let (lp, energy) = p.dense_energy()?;
+        let (h, lp) = p.dense_histogram(hist);
+        hist = h;
+        let lp = lp?;
         dense_lp += lp.iter().map(|&x| x as f64).sum::<f64>();
         tokens += lp.len();
-        for (l, sl) in sens.iter_mut().enumerate() {
-            p.stats().tda_scores(l, &mut scores);
-            let e: Vec<f64> = energy.energy(l).iter().zip(&down_norms[l]).map(|(&a, &w)| a as f64 * w).collect();
-            let total: f64 = e.iter().sum::<f64>().max(f64::MIN_POSITIVE);
-            for (gi, th) in grid_thresholds.iter().enumerate() {
-                th.at(prefix, &mut taus);
-                let dropped: f64 = scores.iter().zip(&e).filter(|(s, _)| **s < taus[l]).map(|(_, e)| e).sum();
-                sl[gi] += dropped / total / validation.len() as f64;
-            }
-        }
         prefixed.push(p);
     }
     let ppl_dense = (-dense_lp / tokens as f64).exp();
-    let limit = ppl_dense * (1.0 + max_increase);
-    let choose = |mu: f64| -> Vec<f64> {
-        sens.iter()
+    let mut settings: Vec<Vec<Setting>> = (0..layers).map(|l| hist.settings(l, methods, model.ffn_costs(l))).collect();
+    let plan = |chosen: &[Setting]| -> Thresholds {
+        let dens: Vec<f64> = chosen.iter().map(Setting::density).collect();
+        let mut th = profile.thresholds(&dens);
+        if chosen.iter().any(|s| s.keep < 1.0) {
+            th.gate = chosen.iter().enumerate().map(|(l, s)| hist.threshold(l, s.density(), s.keep)).collect();
+        }
+        th
+    };
+    let mut evaluations = 0;
+    let mut evaluate = |chosen: &[Setting]| -> Result<Measured> {
+        evaluations += 1;
+        let spec = Sparsity::Tda(Arc::new(plan(chosen)));
+        let (mut lp, mut kept, mut bytes) = (0f64, 0usize, 0f64);
+        for p in prefixed.iter_mut() {
+            let r = p.score(&spec)?;
+            lp += r.logprobs.iter().map(|&x| x as f64).sum::<f64>();
+            kept += r.kept.iter().sum::<usize>();
+            bytes += r.ffn_bytes;
+        }
+        let slots = (prefixed.len() * layers * model.cfg.intermediate_size) as f64;
+        Ok(Measured {
+            ppl: (-lp / tokens as f64).exp(),
+            kept: kept as f64 / slots,
+            bytes: bytes / prefixed.len() as f64,
+        })
+    };
+    // The energy share is a poor guide across layers (the first layers hurt far more than their
+    // share says): measure each layer alone at a reference setting and scale its estimates so that
+    // they predict the increase in held-out log-perplexity, which adds up over layers.
+    let dense_plan = vec![Setting { buckets: RANK_BUCKETS, keep: 1.0, bytes: 1.0, error: 0.0 }; layers];
+    let reference = match methods {
+        Methods::Tda => (RANK_BUCKETS / 2, 1.0),
+        _ => (RANK_BUCKETS, 0.5),
+    };
+    let mut sensitivity = Vec::with_capacity(layers);
+    for l in 0..layers {
+        progress.step()?;
+        let r = *settings[l].iter().find(|s| (s.buckets, s.keep) == reference).expect("the reference setting");
+        let mut one = dense_plan.clone();
+        one[l] = r;
+        let m = evaluate(&one)?;
+        let rise = (m.ppl / ppl_dense).ln().max(1e-6);
+        sensitivity.push(rise);
+        let scale = rise / r.error.max(1e-9);
+        settings[l].iter_mut().for_each(|s| s.error *= scale);
+    }
+    let choose = |mu: f64| -> Vec<Setting> {
+        settings
+            .iter()
             .map(|s| {
-                let (mut best, mut best_v) = (GRID.len() - 1, f64::INFINITY);
-                for (gi, &d) in GRID.iter().enumerate() {
-                    let v = d + mu * s[gi];
-                    if v < best_v {
-                        (best, best_v) = (gi, v);
-                    }
-                }
-                GRID[best]
+                *s.iter()
+                    .min_by(|a, b| (a.bytes + mu * a.error).total_cmp(&(b.bytes + mu * b.error)))
+                    .expect("settings")
             })
             .collect()
     };
-    let mut evaluations = 0;
-    let mut evaluate = |dens: &[f64]| -> Result<(f64, f64)> {
-        evaluations += 1;
-        let th = Arc::new(profile.thresholds(dens));
-        let spec = Sparsity::Tda(th);
-        let (mut lp, mut kept, mut slots) = (0f64, 0usize, 0usize);
-        for p in prefixed.iter_mut() {
-            let (l, k) = p.score(&spec)?;
-            lp += l.iter().map(|&x| x as f64).sum::<f64>();
-            kept += k.iter().sum::<usize>();
-            slots += k.len() * model.cfg.intermediate_size;
-        }
-        Ok(((-lp / tokens as f64).exp(), kept as f64 / slots as f64))
-    };
-    // Bisect log(mu): the largest error weight that still breaks the budget, and the smallest that keeps it.
+    // Bisect log10(mu): a larger mu weighs error more, so it reads more bytes at a lower perplexity.
     let (mut lo, mut hi) = (-4f64, 8f64);
-    let mut best = (vec![1.0; layers], ppl_dense, 1.0);
-    let mut last: Option<(Vec<f64>, bool)> = None;
+    let dense = Measured { ppl: ppl_dense, kept: 1.0, bytes: 1.0 };
+    let mut best: Option<(Vec<Setting>, Measured)> = None;
+    let mut last: Option<(Vec<Setting>, bool)> = None;
     for _ in 0..BUDGET_STEPS {
         progress.step()?;
         let mid = 0.5 * (lo + hi);
-        let dens = choose(10f64.powf(mid));
+        let chosen = choose(10f64.powf(mid));
         let ok = match &last {
-            Some((d, ok)) if *d == dens => *ok,
+            Some((c, ok)) if *c == chosen => *ok,
             _ => {
-                let (ppl, kept) = evaluate(&dens)?;
-                let ok = ppl <= limit;
-                if ok && kept <= best.2 {
-                    best = (dens.clone(), ppl, kept);
+                let m = evaluate(&chosen)?;
+                let (ok, better) = match budget {
+                    Budget::MaxPplIncrease(b) => {
+                        (m.ppl <= ppl_dense * (1.0 + b), best.as_ref().is_none_or(|(_, x)| m.bytes <= x.bytes))
+                    }
+                    Budget::FfnBytes(b) => (m.bytes <= b, best.as_ref().is_none_or(|(_, x)| m.ppl <= x.ppl)),
+                };
+                if ok && better {
+                    best = Some((chosen.clone(), m));
                 }
                 ok
             }
         };
-        last = Some((dens, ok));
-        if ok {
-            hi = mid;
-        } else {
-            lo = mid;
+        last = Some((chosen, ok));
+        // Within budget: for perplexity, try fewer bytes (smaller mu); for bytes, try more.
+        match (budget, ok) {
+            (Budget::MaxPplIncrease(_), true) | (Budget::FfnBytes(_), false) => hi = mid,
+            _ => lo = mid,
         }
     }
-    let (layer_densities, ppl, kept_fraction) = best;
-    let mut th = profile.thresholds(&layer_densities);
+    let (chosen, m) = match (best, budget) {
+        (Some(b), _) => b,
+        (None, Budget::MaxPplIncrease(_)) => (dense_plan, dense),
+        (None, Budget::FfnBytes(b)) => {
+            return Err(Error::arg(format!(
+                "ffn_bytes={b}: no setting the search tried reads that few FFN bytes (methods: {methods:?});                  try a larger budget"
+            )))
+        }
+    };
+    let mut th = plan(&chosen);
+    let layer_densities: Vec<f64> = chosen.iter().map(Setting::density).collect();
+    let layer_keeps: Vec<f64> = chosen.iter().map(|s| s.keep).collect();
+    let (name, value) = match budget {
+        Budget::MaxPplIncrease(b) => ("max_ppl_increase", b),
+        Budget::FfnBytes(b) => ("ffn_bytes", b),
+    };
     th.meta = json!({
-        "method": "tda",
-        "calibration": "max_ppl_increase",
-        "max_ppl_increase": max_increase,
+        "method": if th.gate.is_empty() { "tda" } else { "tda+gate" },
+        "calibration": name,
+        name: value,
+        "methods": format!("{methods:?}").to_lowercase(),
         "layer_densities": layer_densities,
+        "layer_keeps": layer_keeps,
+        "layer_sensitivity": sensitivity,
         "validation_ppl_dense": ppl_dense,
-        "validation_ppl": ppl,
-        "validation_kept_fraction": kept_fraction,
+        "validation_ppl": m.ppl,
+        "validation_kept_fraction": m.kept,
+        "validation_ffn_bytes": m.bytes,
         "validation_tokens": tokens,
     });
     let report = BudgetReport {
-        max_ppl_increase: max_increase,
+        budget,
+        methods,
         layer_densities,
+        layer_keeps,
         ppl_dense,
-        ppl,
-        kept_fraction,
+        ppl: m.ppl,
+        kept_fraction: m.kept,
+        ffn_bytes: m.bytes,
         evaluations,
         validation_tokens: tokens,
     };
     Ok((th, report))
+}
+
+/// The gate histogram of dense continuations of `windows` (`prefix` dense tokens each, which rank
+/// the neurons), run in `st`: what CATS and hybrid specs take their gate thresholds from.
+pub fn gate_histogram(
+    model: &Model,
+    st: &mut State,
+    windows: &[Vec<u32>],
+    prefix: usize,
+    progress: &mut Progress,
+) -> Result<GateHistogram> {
+    let cfg = &model.cfg;
+    let mut hist =
+        Box::new(GateHistogram::new(cfg.num_layers, cfg.intermediate_size, cfg.act, model.down_row_norms()?));
+    progress.add_total(windows.len());
+    for w in windows.iter().filter(|w| w.len() > prefix) {
+        progress.step()?;
+        st.stats.reset();
+        model.forward(&w[..prefix], 0, st, FfnMode::Observe, Logits::None)?;
+        hist.set_ranks(&st.stats);
+        st.gate_hist = Some(hist);
+        let r = model.forward(&w[prefix..], prefix, st, FfnMode::Histogram, Logits::None);
+        hist = st.gate_hist.take().expect("put there above");
+        r?;
+    }
+    Ok(*hist)
 }
 
 #[cfg(test)]

@@ -19,17 +19,21 @@ impl Sparsity {
             Sparsity::Dense => Selector::Dense,
             Sparsity::Griffin { density } => Selector::Griffin(*density),
             Sparsity::Tda(t) => Selector::Tda(t),
-            Sparsity::TdaDensity(_) => return Err(Error::Internal("TDA density spec was not resolved".into())),
+            Sparsity::TdaDensity(_) | Sparsity::Cats(_) | Sparsity::Hybrid { .. } => {
+                return Err(Error::Internal(format!("sparsity '{}' was not resolved", self.label())))
+            }
         })
     }
 }
 
-/// Kept neurons per layer, as ascending indices, plus a 0/1 multiplier row for many-row passes.
+/// Kept neurons per layer, as ascending indices, plus a 0/1 multiplier row for many-row passes,
+/// and each layer's per-token gate threshold (0: none).
 pub struct NeuronMask {
     n: usize,
     kept: Vec<Vec<u32>>,
-    /// Every neuron of the layer is kept: decode takes the dense path.
+    /// Every neuron of the layer is kept: decode takes the dense path unless the layer is gated.
     all: Vec<bool>,
+    gate: Vec<f32>,
     keep_row: Vec<Vec<f32>>,
     scratch: Vec<f32>,
     order: Vec<u32>,
@@ -44,6 +48,7 @@ impl NeuronMask {
             n,
             kept: (0..layers).map(|_| Vec::with_capacity(n)).collect(),
             all: vec![true; layers],
+            gate: vec![0.0; layers],
             keep_row: vec![vec![1.0; n]; layers],
             scratch: Vec::with_capacity(n),
             order: Vec::with_capacity(n),
@@ -61,6 +66,7 @@ impl NeuronMask {
     pub fn set_dense(&mut self) {
         self.version += 1;
         self.all.fill(true);
+        self.gate.fill(0.0);
         self.keep_row.iter_mut().for_each(|r| r.fill(1.0));
     }
 
@@ -73,10 +79,14 @@ impl NeuronMask {
                 self.set_dense();
                 return Ok(());
             }
-            Selector::Griffin(d) => check_density(*d)?,
+            Selector::Griffin(d) => {
+                check_density(*d)?;
+                self.gate.fill(0.0);
+            }
             Selector::Tda(t) => {
                 t.validate(layers)?;
                 t.at(stats.tokens, &mut self.taus);
+                (0..layers).for_each(|l| self.gate[l] = t.gate_at(l));
             }
         }
         let n = self.n;
@@ -118,6 +128,11 @@ impl NeuronMask {
         (!self.all[layer]).then(|| &self.kept[layer][..])
     }
 
+    /// The per-token gate threshold of `layer` (0: every kept neuron is computed).
+    pub fn gate(&self, layer: usize) -> f32 {
+        self.gate[layer]
+    }
+
     /// 1.0 for kept neurons of `layer`, 0.0 for skipped ones.
     pub fn keep_row(&self, layer: usize) -> &[f32] {
         &self.keep_row[layer]
@@ -128,7 +143,12 @@ impl NeuronMask {
     }
 
     pub fn is_dense(&self) -> bool {
-        self.all.iter().all(|&a| a)
+        self.all.iter().all(|&a| a) && self.gate.iter().all(|&g| g == 0.0)
+    }
+
+    /// Layer `layer` computes every neuron of every token.
+    pub fn layer_dense(&self, layer: usize) -> bool {
+        self.all[layer] && self.gate[layer] == 0.0
     }
 }
 

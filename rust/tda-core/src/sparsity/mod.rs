@@ -7,6 +7,7 @@
 
 pub mod calibrate;
 pub mod corpus;
+pub mod gate;
 pub mod mask;
 pub mod score;
 pub mod spec;
@@ -14,6 +15,6 @@ pub mod stats;
 
 pub use calibrate::{BudgetReport, LengthProfile};
 pub use mask::NeuronMask;
-pub use score::Prefixed;
+pub use score::{Prefixed, Scored};
 pub use spec::{Sparsity, Thresholds};
 pub use stats::NeuronStats;

@@ -2,6 +2,7 @@
 //! (observing the FFN activations, which choose the masks), then the continuation runs as many
 //! rows under each mask, as decoding would compute it.
 
+use super::gate::GateHistogram;
 use super::spec::Sparsity;
 use super::stats::NeuronStats;
 use crate::error::{Error, Result};
@@ -10,6 +11,17 @@ use std::sync::Arc;
 
 /// Rows per forward pass when scoring a continuation (bounds the logits buffer).
 const SCORE_CHUNK: usize = 64;
+
+/// What [`Prefixed::score`] measured.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    /// Log-probabilities of `ids[prefix_len..]`.
+    pub logprobs: Vec<f32>,
+    /// Neurons each layer kept (the superset of a gated layer).
+    pub kept: Vec<usize>,
+    /// The mean fraction of FFN weight bytes a decoded token would read ([`Model::ffn_bytes`]).
+    pub ffn_bytes: f64,
+}
 
 /// A scored sequence whose dense prefix has run: its run state holds the prefix's keys and values
 /// and FFN statistics, so that the continuation can be scored under several sparsity specs.
@@ -50,14 +62,19 @@ impl Prefixed {
         &self.st.as_ref().expect("held until drop").stats
     }
 
-    /// Log-probabilities of `ids[prefix_len..]` with the continuation run under `spec`'s mask (a
-    /// resolved spec; the first comes from the dense prefix), and the kept neurons per layer.
-    pub fn score(&mut self, spec: &Sparsity) -> Result<(Vec<f32>, Vec<usize>)> {
+    /// Scores `ids[prefix_len..]` with the continuation run under `spec`'s mask (a resolved spec;
+    /// the first log-prob comes from the dense prefix), each row gated as decoding gates it.
+    pub fn score(&mut self, spec: &Sparsity) -> Result<Scored> {
         let st = self.state();
         st.mask.select(&spec.selector()?, &st.stats)?;
-        let counts = st.mask.counts();
-        let mode = if spec.is_dense() { FfnMode::Dense } else { FfnMode::Sparse };
-        Ok((self.continuation(mode)?, counts))
+        let kept = st.mask.counts();
+        let mode = if spec.is_dense() || st.mask.is_dense() { FfnMode::Dense } else { FfnMode::Sparse };
+        let logprobs = self.continuation(mode)?;
+        let ffn_bytes = match mode {
+            FfnMode::Sparse => self.model.ffn_bytes(self.st.as_ref().expect("held until drop")),
+            _ => 1.0,
+        };
+        Ok(Scored { logprobs, kept, ffn_bytes })
     }
 
     /// Dense scoring of the continuation that also returns its FFN activation statistics.
@@ -70,6 +87,15 @@ impl Prefixed {
         let energy = st.stats.clone();
         st.stats.copy_from(&prefix_stats);
         Ok((lp?, energy))
+    }
+
+    /// Dense scoring of the continuation that adds its gate values to `hist`, ranked by this
+    /// prefix's TDA scores; gives `hist` back with the log-probs.
+    pub fn dense_histogram(&mut self, mut hist: Box<GateHistogram>) -> (Box<GateHistogram>, Result<Vec<f32>>) {
+        hist.set_ranks(self.stats());
+        self.state().gate_hist = Some(hist);
+        let lp = self.continuation(FfnMode::Histogram);
+        (self.state().gate_hist.take().expect("put there above"), lp)
     }
 
     fn continuation(&mut self, mode: FfnMode) -> Result<Vec<f32>> {

@@ -2,8 +2,8 @@
 //! parent (chosen once per CPU) and rayon for the matrix products and attention heads.
 
 use super::{
-    ffn_decode, gemv, gemv_many, kernels, matmul, on_huge_pages, row_to_f32, with_weights, FfnRows, RowCopy,
-    WeightSlice, MAX_FFN_CHUNKS, PREFETCH_AHEAD,
+    ffn_decode, ffn_decode_gated, gemv, gemv_many, kernels, matmul, on_huge_pages, row_to_f32, with_weights, FfnRows,
+    GatedScratch, RowCopy, WeightSlice, MAX_FFN_CHUNKS, PREFETCH_AHEAD,
 };
 use crate::config::Activation;
 use crate::error::{Error, Result};
@@ -27,6 +27,15 @@ pub struct CpuBackend;
 /// Rows shorter than this are decoded sparse from a compact copy ([`KeptRows`]).
 pub const COMPACT_BELOW_BYTES: usize = 2 * PREFETCH_AHEAD;
 
+/// [`COMPACT_BELOW_BYTES`], or `TDA_ENGINE_COMPACT_BELOW` (bytes; 0 reads every row in place), which
+/// the benchmarks use to measure what the copy buys.
+fn compact_below() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("TDA_ENGINE_COMPACT_BELOW").ok().and_then(|v| v.parse().ok()).unwrap_or(COMPACT_BELOW_BYTES)
+    })
+}
+
 /// One FFN layer's sparse-decoding state in a run state: the kept neurons of the current selection,
 /// and, for FFNs whose rows are shorter than [`COMPACT_BELOW_BYTES`] (4 KiB), a compact copy of their
 /// rows. Reading such short rows in place, scattered, leaves the memory system idle between them
@@ -41,6 +50,12 @@ pub struct KeptRows {
     all: bool,
     kept: Vec<u32>,
     keep_row: Vec<f32>,
+    /// The per-token gate threshold (0: none), and since the selection, the token rows run sparse
+    /// and the neurons that passed the gate in them.
+    threshold: f32,
+    rows: u64,
+    passed: u64,
+    gated: GatedScratch,
     /// The selection the compact copy was made from.
     copied: Option<u64>,
     gate: RowCopy,
@@ -288,12 +303,14 @@ impl Backend for CpuBackend {
         _w: &FfnWeights<'_>,
         kept: Option<&[u32]>,
         keep_row: &[f32],
+        gate: f32,
         version: u64,
         scratch: &mut FfnScratch,
     ) -> Result<()> {
         let s = host_kept_mut(scratch)?;
         if s.version != Some(version) {
             s.version = Some(version);
+            (s.threshold, s.rows, s.passed) = (gate, 0, 0);
             s.all = kept.is_none();
             s.kept.clear();
             s.kept.extend_from_slice(kept.unwrap_or(&[]));
@@ -535,6 +552,49 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn sparse_act(
+        &self,
+        act: Activation,
+        a: &mut Buf,
+        u: &Buf,
+        rows: usize,
+        n: usize,
+        scratch: &mut FfnScratch,
+    ) -> Result<()> {
+        let s = host_kept_mut(scratch)?;
+        if s.threshold == 0.0 {
+            self.gate_act(act, a, u, rows * n)?;
+            return self.mask_cols(a, rows, n, scratch);
+        }
+        let (t, keep) = (s.threshold, &s.keep_row[..n]);
+        let (a, u) = (&mut a.host_mut()?[..rows * n], &u.host()?[..rows * n]);
+        let passed: u64 = a
+            .par_chunks_mut(n)
+            .zip(u.par_chunks(n))
+            .map(|(a, u)| {
+                let mut passed = 0;
+                for ((v, u), k) in a.iter_mut().zip(u).zip(keep) {
+                    let g = activate(act, *v);
+                    // As decoding decides it: a kept neuron whose |act(g)| reaches the threshold.
+                    if *k != 0.0 && g.abs() >= t {
+                        *v = g * u;
+                        passed += 1;
+                    } else {
+                        *v = 0.0;
+                    }
+                }
+                passed
+            })
+            .sum();
+        (s.rows, s.passed) = (s.rows + rows as u64, s.passed + passed);
+        Ok(())
+    }
+
+    fn ffn_counts(&self, scratch: &FfnScratch, version: u64) -> Option<(u64, u64)> {
+        let s = host_kept(scratch).ok()?;
+        (s.version == Some(version)).then_some((s.rows, s.passed))
+    }
+
     fn ffn_decode(
         &self,
         w: &FfnWeights<'_>,
@@ -547,7 +607,8 @@ impl Backend for CpuBackend {
         let (x, out) = (&x.host()?[..d], &mut out.host_mut()?[..d]);
         let s = host_kept_mut(scratch)?;
         let (gb, ub) = (w.gate_bias.map(Buf::host).transpose()?, w.up_bias.map(Buf::host).transpose()?);
-        let sparse = sparse && !s.all;
+        let gated = sparse && s.threshold > 0.0;
+        let sparse = sparse && (!s.all || gated);
         if let (false, Some(down)) = (sparse, w.down) {
             return ffn_dense_stored(w, down, gb, ub, x, out);
         }
@@ -555,26 +616,44 @@ impl Backend for CpuBackend {
             if partials.len() < MAX_FFN_CHUNKS * d {
                 partials.resize(MAX_FFN_CHUNKS * d, 0.0);
             }
-            let mut decode = |rows: FfnRows<'_>, n: usize, kept: Option<&[u32]>, out: &mut [f32]| {
-                ffn_decode(kernels(), rows, n, kept, x, |v| activate(act, v), partials, out)
-            };
-            with_matrix(w.gate, |wg| {
+            let k = kernels();
+            let (t, mut passed) = (s.threshold, 0usize);
+            // Moved out for the call (its buffers move with it), so that the copy can be borrowed.
+            let mut gs = std::mem::take(&mut s.gated);
+            let r = with_matrix(w.gate, |wg| {
                 with_matrix(w.up, |wu| {
                     with_matrix(w.down_t, |wd| {
                         let rows = FfnRows { gate: wg, up: wu, down_t: wd, gate_bias: gb, up_bias: ub, d };
                         if !sparse {
-                            return decode(rows, n, None, out);
+                            return ffn_decode(k, rows, n, None, x, |v| activate(act, v), partials, out);
                         }
-                        if wg.row_bytes(d) >= COMPACT_BELOW_BYTES {
-                            return decode(rows, n, Some(&s.kept), out);
+                        // The rows to read: in place (all, or the kept list), or a compact copy of
+                        // the kept ones when rows are short.
+                        let (rows, n, kept) = if s.all {
+                            (rows, n, None)
+                        } else if wg.row_bytes(d) >= compact_below() {
+                            (rows, n, Some(&s.kept[..]))
+                        } else {
+                            if s.copied != s.version {
+                                s.fill(rows);
+                            }
+                            (s.compact(rows), s.kept.len(), None)
+                        };
+                        match gated {
+                            false => ffn_decode(k, rows, n, kept, x, |v| activate(act, v), partials, out),
+                            true => {
+                                let act = |v| activate(act, v);
+                                passed = ffn_decode_gated(k, rows, n, kept, t, x, act, &mut gs, partials, out);
+                            }
                         }
-                        if s.copied != s.version {
-                            s.fill(rows);
-                        }
-                        decode(s.rows(rows), s.kept.len(), None, out)
                     })
                 })
-            })???;
+            });
+            s.gated = gs;
+            r???;
+            if gated {
+                (s.rows, s.passed) = (s.rows + 1, s.passed + passed as u64);
+            }
             Ok::<(), Error>(())
         })
     }
@@ -645,7 +724,7 @@ impl KeptRows {
     }
 
     /// The copy as FFN rows (biases as in `like`).
-    fn rows(&self, like: FfnRows<'_>) -> FfnRows<'_> {
+    fn compact(&self, like: FfnRows<'_>) -> FfnRows<'_> {
         FfnRows {
             gate: self.gate.rows(),
             up: self.up.rows(),

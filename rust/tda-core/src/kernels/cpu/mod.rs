@@ -37,6 +37,7 @@ pub fn with_weights<R>(t: &Tensor, f: impl FnOnce(WeightSlice<'_>) -> R) -> Resu
 }
 
 mod backend;
+mod gated;
 mod gemm;
 mod memory;
 #[cfg(target_arch = "x86_64")]
@@ -45,6 +46,7 @@ mod qx86;
 mod x86;
 
 pub use backend::{activate, CpuBackend, KeptRows, COMPACT_BELOW_BYTES};
+pub use gated::{ffn_decode_gated, GatedScratch};
 pub use gemm::{matmul, matmul_on, prefill_path, PREFILL_PATHS};
 pub use memory::{huge_page_copy, huge_page_vec, on_huge_pages, RowCopy};
 
@@ -947,7 +949,7 @@ mod tests {
     use super::*;
 
     /// The paths this CPU runs; says which of the known ones it had to skip.
-    fn paths(test: &str) -> Vec<&'static Kernels> {
+    pub(super) fn paths(test: &str) -> Vec<&'static Kernels> {
         let all = available();
         for name in PATHS {
             if !all.iter().any(|k| k.name == name) {
@@ -959,7 +961,7 @@ mod tests {
 
     /// The activations as the path multiplies them: rounded to bf16 for bf16 rows on a native
     /// bf16 path (the reference then differs from the kernel only by f32 summation order).
-    fn acts_as_multiplied(k: &Kernels, w: WeightSlice<'_>, x: &[f32]) -> Vec<f32> {
+    pub(super) fn acts_as_multiplied(k: &Kernels, w: WeightSlice<'_>, x: &[f32]) -> Vec<f32> {
         if k.native_bf16() && matches!(w, WeightSlice::BF16(_)) {
             x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
         } else {

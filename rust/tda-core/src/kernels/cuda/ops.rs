@@ -435,12 +435,16 @@ impl Backend for CudaBackend {
         w: &FfnWeights<'_>,
         kept: Option<&[u32]>,
         keep_row: &[f32],
+        gate: f32,
         version: u64,
         scratch: &mut FfnScratch,
     ) -> Result<()> {
         let FfnScratch::Cuda(s) = scratch else {
             return Err(host_handle("FFN scratch"));
         };
+        if gate > 0.0 {
+            return Err(Error::arg(crate::kernels::GATED_ON_CUDA));
+        }
         let n = w.gate.rows;
         if s.version == Some(version) && s.n == n && s.mem.is_some() {
             return Ok(());

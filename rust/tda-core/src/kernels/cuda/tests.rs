@@ -173,8 +173,8 @@ fn ffn_decode_dense_and_sparse_match_the_cpu() {
                 };
                 let (mut sc, mut sg) = (cpu.new_ffn_scratch(), gpu.new_ffn_scratch());
                 for (version, sel) in [(1u64, Some(&kept[..])), (2, None), (3, Some(&kept[..5.min(kept.len())]))] {
-                    cpu.prepare_ffn(&wc, sel, &keep_row, version, &mut sc).unwrap();
-                    gpu.prepare_ffn(&wg, sel, &keep_row, version, &mut sg).unwrap();
+                    cpu.prepare_ffn(&wc, sel, &keep_row, 0.0, version, &mut sc).unwrap();
+                    gpu.prepare_ffn(&wg, sel, &keep_row, 0.0, version, &mut sg).unwrap();
                     for sparse in [false, true] {
                         let (mut oc, mut og) = (cpu.zeros(d).unwrap(), gpu.zeros(d).unwrap());
                         cpu.ffn_decode(&wc, sparse, &mut sc, &xc, &mut oc).unwrap();
@@ -292,8 +292,8 @@ fn statistics_and_masks_match_the_cpu() {
         act: Activation::Silu,
     };
     let (mut sc, mut sg) = (cpu.new_ffn_scratch(), gpu.new_ffn_scratch());
-    cpu.prepare_ffn(&wc, Some(&kept), &keep_row, 1, &mut sc).unwrap();
-    gpu.prepare_ffn(&wg, Some(&kept), &keep_row, 1, &mut sg).unwrap();
+    cpu.prepare_ffn(&wc, Some(&kept), &keep_row, 0.0, 1, &mut sc).unwrap();
+    gpu.prepare_ffn(&wg, Some(&kept), &keep_row, 0.0, 1, &mut sg).unwrap();
     let a = vals(rows * n, 2);
     let (mut ac, mut ag) = (cpu.upload(&a).unwrap(), gpu.upload(&a).unwrap());
     cpu.mask_cols(&mut ac, rows, n, &sc).unwrap();
@@ -417,7 +417,7 @@ fn recorded_steps_replay_like_plain_ones() {
         for t in 0..6usize {
             gpu.set_step(&mut step, &[(t * 7 % vocab) as u32], t).unwrap();
             let sel = if t < 3 { Some(&kept[..]) } else { None };
-            gpu.prepare_ffn(&w, sel, &keep_row, (t / 3) as u64, &mut ffn).unwrap();
+            gpu.prepare_ffn(&w, sel, &keep_row, 0.0, (t / 3) as u64, &mut ffn).unwrap();
             let mut body = || {
                 gpu.embed(&table, &step, 1, Some(2.0), &mut x)?;
                 gpu.linear(&wq, None, &x, 1, &mut q)?;
