@@ -11,7 +11,7 @@ configuration divided by the weight bytes that configuration reads per token.
     pip install matplotlib     # not a dependency of tda-engine
     cargo run --release -p tda-bench --bin decode -- --preset llama-2-7b --layers 4 \\
         --dtype f32,bf16 --sparsity dense,tda:0.7,tda:0.5,cats:0.5,hybrid:0.9,0.5 > llama.txt
-    python scripts/plot_decode.py llama.txt smollm2.txt
+    python scripts/plot_decode.py llama.txt smollm2.txt [--out docs/decode_density.png]
 """
 
 from __future__ import annotations
@@ -80,7 +80,15 @@ def panel(ax, data: list[dict]) -> None:
     ax.legend(fontsize=7)
 
 
-def main(paths: list[str]) -> None:
+def main(args: list[str]) -> None:
+    out = OUT
+    if "--out" in args:
+        i = args.index("--out")
+        if i + 1 >= len(args):
+            sys.exit("--out needs a path")
+        out = args[i + 1]
+        args = args[:i] + args[i + 2 :]
+    paths = args
     if not paths:
         sys.exit(__doc__)
     fig, axes = plt.subplots(1, len(paths), figsize=(5.5 * len(paths), 4.2), squeeze=False)
@@ -88,8 +96,8 @@ def main(paths: list[str]) -> None:
         panel(ax, rows(p))
     fig.suptitle("Decode speed against FFN bytes read (squares: GRIFFIN, triangles: CATS / hybrid)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(OUT, dpi=110)
-    print(f"wrote {OUT}")
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

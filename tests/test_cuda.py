@@ -403,18 +403,27 @@ def test_long_decode_f32(model):
     assert_same_tokens(a.token_ids, b.token_ids, cpu_eng, prompt, f"{model} f32 greedy, long context")
 
 
+# Per-token gating with the CPU's calibration on both sides (each engine calibrates on its own
+# otherwise): CATS (every neuron a candidate) and the hybrid (the gate inside TDA's kept set).
+GATED = {"cats-thresholds": "cats:0.5", "hybrid-thresholds": "hybrid:0.8,0.5"}
+
+
 def _sparsity(spec: str, cpu_eng):
     from tda_engine import Sparsity
 
     if spec == "tda-thresholds":  # explicit thresholds (the CPU's calibration), the same on both sides
         return Sparsity.tda(thresholds=cpu_eng.default_thresholds(0.5))
+    if spec in GATED:
+        return Sparsity.tda(thresholds=cpu_eng.resolved_thresholds(GATED[spec]))
     return spec
 
 
-@params("spec", ["griffin:0.5", "tda:0.5", "tda-thresholds"])
+@params("spec", ["griffin:0.5", "tda:0.5", "tda-thresholds", *GATED])
 @params("model", MODELS)
 def test_sparse_decode_f32(model, spec):
-    """The prompt chooses the kept neurons on each device; the same mask and the same tokens."""
+    """The prompt chooses the kept neurons on each device; the same mask and the same tokens. Gated
+    specs: the gate passes the same neurons, so the FFN bytes read agree too (a neuron within
+    rounding of its threshold may go either way: a tolerance of a small fraction)."""
     cuda_eng, cpu_eng = pair(model)
     r = ref(model)
     sp = _sparsity(spec, cpu_eng)
@@ -429,21 +438,28 @@ def test_sparse_decode_f32(model, spec):
     a = greedy(cuda_eng, r["prompt"], 16, sparsity=sp)
     b = greedy(cpu_eng, r["prompt"], 16, sparsity=sp)
     assert a.ffn_active == b.ffn_active, f"{model} {spec}: ffn_active cuda {a.ffn_active} cpu {b.ffn_active}"
+    assert abs(a.ffn_bytes - b.ffn_bytes) <= 1e-3, f"{model} {spec}: ffn_bytes cuda {a.ffn_bytes} cpu {b.ffn_bytes}"
+    if spec in GATED:
+        assert a.ffn_bytes < 1.0, f"{model} {spec}: the gate skipped nothing (ffn_bytes {a.ffn_bytes})"
     assert_same_tokens(a.token_ids, b.token_ids, cpu_eng, r["prompt"], f"{model} {spec} decode")
 
 
-@params("spec", ["dense", "griffin:0.5", "tda:0.5"])
+@params("spec", ["dense", "griffin:0.5", "tda:0.5", *GATED])
 @params("model", MODELS)
 def test_score_f32(model, spec):
     cuda_eng, cpu_eng = pair(model)
     r = ref(model)
     ids = r["prompt"] + r["greedy"]
     p = len(r["prompt"])
-    a = np.asarray(cuda_eng.score(ids, p, spec))
-    b = np.asarray(cpu_eng.score(ids, p, spec))
+    sp = _sparsity(spec, cpu_eng)
+    a, bytes_a = cuda_eng.score(ids, p, sp, return_ffn_bytes=True)
+    b, bytes_b = cpu_eng.score(ids, p, sp, return_ffn_bytes=True)
+    a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape == (len(ids) - p,), (a.shape, b.shape)
     assert np.isfinite(a).all()
     np.testing.assert_allclose(a, b, atol=LOGPROB_TOL, rtol=0, err_msg=f"{model} score {spec}")
+    # The many-row pass gates each row as decoding does, and counts what passed (as in decode).
+    assert abs(bytes_a - bytes_b) <= 1e-3, f"{model} score {spec}: ffn_bytes cuda {bytes_a} cpu {bytes_b}"
 
 
 @params("model", MODELS)

@@ -187,6 +187,21 @@ def test_budget_calibration_over_both_knobs(engine_for, tmp_path):
     assert tda.gate == [] and all(k == 1.0 for k in tda.report["layer_keeps"])
     cats = eng.calibrate(text, max_ppl_increase=1.0, method="cats")
     assert all(d == 1.0 for d in cats.report["layer_densities"])
+    # the floor: never worse than the best one-setting-for-all-layers plan the search measured,
+    # and that plan is one of the methods allowed
+    for r in (rep, tight.report, loose.report, tda.report, cats.report):
+        u, p = r.get("uniform"), r.get("per_layer")
+        assert r["chosen"] in ("uniform", "per-layer")
+        best = u if r["chosen"] == "uniform" else p
+        if best is not None:
+            assert (r["ppl"], r["ffn_bytes"]) == (best["ppl"], best["ffn_bytes"])
+        if u is not None and "ffn_bytes_budget" in r:
+            assert u["ffn_bytes"] <= r["ffn_bytes_budget"] and r["ppl"] <= u["ppl"]
+        elif u is not None:
+            assert u["ppl"] <= r["ppl_dense"] * (1 + r["max_ppl_increase"]) + 1e-9
+            assert r["ffn_bytes"] <= u["ffn_bytes"]
+    assert tda.report.get("uniform") is None or tda.report["uniform"]["setting"].startswith("tda:")
+    assert cats.report.get("uniform") is None or cats.report["uniform"]["setting"].startswith("cats:")
 
 
 # -- bad input ------------------------------------------------------------------------------------

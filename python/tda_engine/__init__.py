@@ -397,7 +397,10 @@ class Engine:
         gate runs over the prompt's TDA superset at ``density``, and ``keep`` is a fraction of it.
         ``max_ppl_increase``: per-layer settings that read the fewest FFN bytes per decoded token
         while the perplexity of held-out windows (the end of the text) stays within
-        ``1 + max_ppl_increase`` times dense; the findings are in ``.report``.
+        ``1 + max_ppl_increase`` times dense; the findings are in ``.report``. The search also
+        measures plans that give every layer one setting (TDA, CATS, the hybrid at 0.9 and 0.8) and
+        never returns worse than the best of them: ``.report`` has ``per_layer`` and ``uniform``
+        (each ``ppl`` and ``ffn_bytes``; ``uniform["setting"]`` as a spec) and ``chosen``.
         ``ffn_bytes``: per-layer settings with the lowest held-out perplexity that read at most this
         fraction of the FFN bytes per decoded token (measured on the held-out windows).
         ``method`` (budget targets only): the settings a layer may take: ``"tda"`` (the prompt's

@@ -464,6 +464,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             f"; reads {r['ffn_bytes']:.3f} of the FFN bytes per token (superset {r['kept_fraction']:.3f} of "
             f"the neurons), held-out perplexity {r['ppl']:.3f} vs dense {r['ppl_dense']:.3f}"
         )
+        u = r.get("uniform")
+        if u and r["chosen"] == "uniform":
+            msg += f"; one setting for all layers ({u['setting']}) beat the per-layer plan and was saved"
+        elif u:
+            msg += (
+                f"; the best one-setting-for-all-layers plan tried, {u['setting']}, reads "
+                f"{u['ffn_bytes']:.3f} bytes at perplexity {u['ppl']:.3f}"
+            )
     print(msg, file=sys.stderr)
     return EXIT_OK
 

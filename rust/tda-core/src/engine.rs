@@ -331,7 +331,7 @@ impl Default for CalibrationOptions {
 
 impl Engine {
     /// Turns `TdaDensity`, `Cats` and `Hybrid` into thresholds and checks every spec against the
-    /// model (and that the backend has kernels for it).
+    /// model.
     pub fn resolve(&self, s: &Sparsity) -> Result<Sparsity> {
         let layers = self.config().num_layers;
         let t = match s {
@@ -347,9 +347,6 @@ impl Engine {
             Sparsity::TdaDensity(d) => self.density_thresholds(*d)?,
             Sparsity::Cats(_) | Sparsity::Hybrid { .. } => self.gate_thresholds(s)?,
         };
-        if t.gate.iter().any(|&g| g > 0.0) && self.device().starts_with("cuda") {
-            return Err(Error::arg(crate::kernels::GATED_ON_CUDA));
-        }
         Ok(Sparsity::Tda(t))
     }
 

@@ -378,6 +378,20 @@ impl Engine {
                 d.set_item("kept_fraction", r.kept_fraction)?;
                 d.set_item("evaluations", r.evaluations)?;
                 d.set_item("validation_tokens", r.validation_tokens)?;
+                d.set_item("chosen", if r.uniform_chosen { "uniform" } else { "per-layer" })?;
+                if let Some((ppl, bytes)) = r.per_layer {
+                    let p = PyDict::new(py);
+                    p.set_item("ppl", ppl)?;
+                    p.set_item("ffn_bytes", bytes)?;
+                    d.set_item("per_layer", p)?;
+                }
+                if let Some(u) = r.uniform {
+                    let p = PyDict::new(py);
+                    p.set_item("setting", u.setting)?;
+                    p.set_item("ppl", u.ppl)?;
+                    p.set_item("ffn_bytes", u.ffn_bytes)?;
+                    d.set_item("uniform", p)?;
+                }
                 Ok(d)
             })
             .transpose()?;

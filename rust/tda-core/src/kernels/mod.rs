@@ -21,10 +21,6 @@ use crate::quant::{QBlocks, QType};
 use candle_core::{DType, Tensor};
 use std::any::Any;
 
-/// Why a gated sparsity spec cannot run on the CUDA backend.
-pub const GATED_ON_CUDA: &str =
-    "per-token gating ('cats', 'hybrid', thresholds with a 'gate') has no CUDA kernels yet; use device='cpu'";
-
 /// An f32 buffer where a backend's kernels read and write it.
 pub enum Buf {
     Host(Vec<f32>),

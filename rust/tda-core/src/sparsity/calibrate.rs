@@ -187,6 +187,64 @@ pub struct BudgetReport {
     pub ffn_bytes: f64,
     pub evaluations: usize,
     pub validation_tokens: usize,
+    /// The per-layer search's own best `(ppl, ffn_bytes)` within the budget, if it found one.
+    pub per_layer: Option<(f64, f64)>,
+    /// The best plan with one setting for every layer that the search measured within the budget.
+    pub uniform: Option<UniformPlan>,
+    /// Whether that uniform plan beat the per-layer one and is what was returned.
+    pub uniform_chosen: bool,
+}
+
+/// A plan giving every layer the same setting, as measured on the validation windows.
+#[derive(Debug, Clone)]
+pub struct UniformPlan {
+    /// The setting as a sparsity spec: `tda:D`, `cats:K` or `hybrid:D,K`.
+    pub setting: String,
+    pub ppl: f64,
+    pub ffn_bytes: f64,
+}
+
+/// Uniform plans (the same setting index for every layer; layers list their settings in one
+/// order) in families along which bytes fall: TDA (no gate, superset shrinking), CATS (every
+/// neuron, keep falling) and the hybrid at supersets 0.9 and 0.8. Each family is sorted by mean
+/// estimated bytes, richest first; families the search's methods exclude come out empty and are
+/// dropped.
+fn uniform_families(settings: &[Vec<Setting>]) -> Vec<(&'static str, Vec<usize>)> {
+    type Member = fn(&Setting) -> bool;
+    let families: [(&'static str, Member); 4] = [
+        ("tda", |s| s.keep >= 1.0 && s.buckets < RANK_BUCKETS),
+        ("cats", |s| s.buckets == RANK_BUCKETS && s.keep < 1.0),
+        ("hybrid:0.9", |s| s.buckets == RANK_BUCKETS * 9 / 10 && s.keep < 1.0),
+        ("hybrid:0.8", |s| s.buckets == RANK_BUCKETS * 8 / 10 && s.keep < 1.0),
+    ];
+    families
+        .into_iter()
+        .map(|(name, member)| {
+            let mut f: Vec<usize> = (0..settings[0].len()).filter(|&i| member(&settings[0][i])).collect();
+            f.sort_by(|&a, &b| mean_bytes(settings, b).total_cmp(&mean_bytes(settings, a)));
+            (name, f)
+        })
+        .filter(|(_, f)| !f.is_empty())
+        .collect()
+}
+
+/// Estimated FFN bytes of the uniform plan `i`, as a fraction of the dense FFN (layers are the same size).
+fn mean_bytes(settings: &[Vec<Setting>], i: usize) -> f64 {
+    settings.iter().map(|s| s[i].bytes).sum::<f64>() / settings.len() as f64
+}
+
+fn uniform_plan(settings: &[Vec<Setting>], i: usize) -> Vec<Setting> {
+    settings.iter().map(|s| s[i]).collect()
+}
+
+/// A setting as the sparsity spec that applies it to every layer.
+fn setting_label(s: &Setting) -> String {
+    match (s.buckets == RANK_BUCKETS, s.keep >= 1.0) {
+        (true, true) => "dense".into(),
+        (false, true) => format!("tda:{}", s.density()),
+        (true, false) => format!("cats:{}", s.keep),
+        (false, false) => format!("hybrid:{},{}", s.density(), s.keep),
+    }
 }
 
 /// Steps of [`budget_search`]'s bisection.
@@ -334,6 +392,77 @@ pub fn budget_search(
             _ => lo = mid,
         }
     }
+    // The floor: one setting for every layer. The per-layer choice leans on estimates scaled from
+    // one measured point per layer, and they can mislead far from that point (a layer sent to
+    // keep 0.3 hurts more than keep 0.5 predicts); uniform plans are measured directly, so the
+    // search never returns worse than the best of them it tried.
+    let per_layer = best.as_ref().map(|(_, m)| *m);
+    let mut uniform: Option<(usize, Measured)> = None;
+    for (_, family) in uniform_families(&settings) {
+        let better = |m: &Measured, than: Option<&Measured>| match budget {
+            Budget::MaxPplIncrease(b) => m.ppl <= ppl_dense * (1.0 + b) && than.is_none_or(|x| m.bytes < x.bytes),
+            Budget::FfnBytes(b) => m.bytes <= b && than.is_none_or(|x| m.ppl < x.ppl),
+        };
+        let found = match budget {
+            // The family's richest plan estimated within the byte budget, or the next if measured over.
+            Budget::FfnBytes(b) => {
+                let fits: Vec<usize> = family.iter().copied().filter(|&i| mean_bytes(&settings, i) <= b).collect();
+                let mut found = None;
+                for &i in fits.iter().take(2) {
+                    progress.add_total(1);
+                    progress.step()?;
+                    let m = evaluate(&uniform_plan(&settings, i))?;
+                    if m.bytes <= b {
+                        found = Some((i, m));
+                        break;
+                    }
+                }
+                found
+            }
+            // Bisect the family's plans that read fewer bytes than the best so far for the leanest
+            // within the perplexity budget; when the richest of them fails, none can win.
+            Budget::MaxPplIncrease(b) => {
+                let cap = uniform.map(|(_, m)| m.bytes).or(per_layer.map(|m| m.bytes)).unwrap_or(1.0);
+                let cands: Vec<usize> = family.iter().copied().filter(|&i| mean_bytes(&settings, i) < cap).collect();
+                let ok = |m: &Measured| m.ppl <= ppl_dense * (1.0 + b);
+                let (mut lo, mut hi, mut found) = (0usize, cands.len(), None);
+                if let Some(&first) = cands.first() {
+                    progress.add_total(1);
+                    progress.step()?;
+                    let m = evaluate(&uniform_plan(&settings, first))?;
+                    if ok(&m) {
+                        found = Some((first, m));
+                        while hi - lo > 1 {
+                            let mid = (lo + hi) / 2;
+                            progress.add_total(1);
+                            progress.step()?;
+                            let m = evaluate(&uniform_plan(&settings, cands[mid]))?;
+                            if ok(&m) {
+                                (lo, found) = (mid, Some((cands[mid], m)));
+                            } else {
+                                hi = mid;
+                            }
+                        }
+                    }
+                }
+                found
+            }
+        };
+        if let Some((i, m)) = found {
+            if better(&m, uniform.as_ref().map(|(_, x)| x)) {
+                uniform = Some((i, m));
+            }
+        }
+    }
+    let uniform_wins = uniform.as_ref().is_some_and(|(_, m)| match budget {
+        Budget::MaxPplIncrease(_) => per_layer.is_none_or(|p| m.bytes < p.bytes),
+        Budget::FfnBytes(_) => per_layer.is_none_or(|p| m.ppl < p.ppl),
+    });
+    if let (true, Some((i, m))) = (uniform_wins, uniform) {
+        best = Some((uniform_plan(&settings, i), m));
+    }
+    let uniform_report =
+        uniform.map(|(i, m)| UniformPlan { setting: setting_label(&settings[0][i]), ppl: m.ppl, ffn_bytes: m.bytes });
     let (chosen, m) = match (best, budget) {
         (Some(b), _) => b,
         (None, Budget::MaxPplIncrease(_)) => (dense_plan, dense),
@@ -363,6 +492,9 @@ pub fn budget_search(
         "validation_kept_fraction": m.kept,
         "validation_ffn_bytes": m.bytes,
         "validation_tokens": tokens,
+        "chosen": if uniform_wins { "uniform" } else { "per-layer" },
+        "per_layer": per_layer.map(|p| json!({"ppl": p.ppl, "ffn_bytes": p.bytes})),
+        "uniform": uniform_report.as_ref().map(|u| json!({"setting": u.setting, "ppl": u.ppl, "ffn_bytes": u.ffn_bytes})),
     });
     let report = BudgetReport {
         budget,
@@ -375,6 +507,9 @@ pub fn budget_search(
         ffn_bytes: m.bytes,
         evaluations,
         validation_tokens: tokens,
+        per_layer: per_layer.map(|p| (p.ppl, p.bytes)),
+        uniform: uniform_report,
+        uniform_chosen: uniform_wins,
     };
     Ok((th, report))
 }

@@ -41,7 +41,7 @@ fn compact_below() -> usize {
 /// rows. Reading such short rows in place, scattered, leaves the memory system idle between them
 /// (BENCHMARKS.md, kernels), while the copy streams. The copy is made at the first decode step after
 /// each selection (one pass over the kept bytes) and reused; larger models read the kept rows in
-/// place, as fast, with no copy.
+/// place, as fast, with no copy. Gated layers read in place too (see `ffn_decode`).
 #[derive(Default)]
 pub struct KeptRows {
     /// The selection the kept list was taken from.
@@ -628,10 +628,13 @@ impl Backend for CpuBackend {
                             return ffn_decode(k, rows, n, None, x, |v| activate(act, v), partials, out);
                         }
                         // The rows to read: in place (all, or the kept list), or a compact copy of
-                        // the kept ones when rows are short.
+                        // the kept ones when rows are short. A gated layer reads in place: its up
+                        // and down rows are scattered (the passing neurons) either way, and reading
+                        // the kept gate rows in place was as fast as the copy (BENCHMARKS.md, issue
+                        // 14) while the copy would duplicate most of the layer in memory.
                         let (rows, n, kept) = if s.all {
                             (rows, n, None)
-                        } else if wg.row_bytes(d) >= compact_below() {
+                        } else if gated || wg.row_bytes(d) >= compact_below() {
                             (rows, n, Some(&s.kept[..]))
                         } else {
                             if s.copied != s.version {

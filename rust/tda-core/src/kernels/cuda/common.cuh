@@ -121,6 +121,59 @@ __device__ __forceinline__ float block_sum(float v, float *sh) { return block_re
 __device__ __forceinline__ double block_sum_d(double v, double *sh) { return block_reduce(v, sh, 0.0, SumOp{}); }
 __device__ __forceinline__ float block_max(float v, float *sh) { return block_reduce(v, sh, -INFINITY, MaxOp{}); }
 
+// Adds a block's passing neurons (`passed` per thread) and, from block 0, `rows` token rows to a
+// gated FFN layer's counters `[rows, passed]` (u64): one atomic per block (integers: the totals do
+// not depend on the order). Every thread of the block calls it (a barrier).
+__device__ __forceinline__ void count_gated(unsigned passed, unsigned rows, unsigned long long *counters) {
+    __shared__ unsigned sh[33];
+    passed = block_reduce(passed, sh, 0u, SumOp{});
+    if (threadIdx.x == 0) {
+        if (passed) atomicAdd(counters + 1, (unsigned long long)passed);
+        if (blockIdx.x == 0) atomicAdd(counters, (unsigned long long)rows);
+    }
+}
+
+// ---- row dot products (one warp per row) -------------------------------------------------------
+
+// `w . x` over `cols` values of one row, by one warp (gemv.cu's header has the why of the loads).
+// The sum ends in every lane with the same bits (a butterfly), so a warp can branch on it.
+// Vector path, for rows that start 16-byte aligned: four independent 16-byte loads per lane.
+template <typename T>
+__device__ __forceinline__ float row_dot_vec(const T *__restrict__ w, const float *__restrict__ x, int cols, int lane) {
+    constexpr int N = Vec16<T>::N;
+    const uint4 *wv = reinterpret_cast<const uint4 *>(w);
+    const int nv = cols / N;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    int v = lane;
+    for (; v + 96 < nv; v += 128) {
+        const uint4 w0 = ld_vec(wv + v), w1 = ld_vec(wv + v + 32), w2 = ld_vec(wv + v + 64), w3 = ld_vec(wv + v + 96);
+        a0 += dot_vec<T>(w0, x + (size_t)v * N);
+        a1 += dot_vec<T>(w1, x + (size_t)(v + 32) * N);
+        a2 += dot_vec<T>(w2, x + (size_t)(v + 64) * N);
+        a3 += dot_vec<T>(w3, x + (size_t)(v + 96) * N);
+    }
+    for (; v < nv; v += 32) a0 += dot_vec<T>(ld_vec(wv + v), x + (size_t)v * N);
+    return warp_sum((a0 + a1) + (a2 + a3));
+}
+
+// Scalar path (a row whose byte length is not a multiple of 16): lane-strided, still coalesced.
+template <typename T>
+__device__ __forceinline__ float row_dot_scalar(const T *__restrict__ w, const float *__restrict__ x, int cols, int lane) {
+    float a0 = 0.f, a1 = 0.f;
+    int c = lane;
+    for (; c + 32 < cols; c += 64) {
+        a0 += to_f32(w[c]) * __ldg(x + c);
+        a1 += to_f32(w[c + 32]) * __ldg(x + c + 32);
+    }
+    for (; c < cols; c += 32) a0 += to_f32(w[c]) * __ldg(x + c);
+    return warp_sum(a0 + a1);
+}
+
+template <typename T>
+__device__ __forceinline__ float row_dot(const T *__restrict__ w, const float *__restrict__ x, int cols, int vec, int lane) {
+    return vec ? row_dot_vec<T>(w, x, cols, lane) : row_dot_scalar<T>(w, x, cols, lane);
+}
+
 // ---- activations (the CPU's formulas, in the same order of operations) -------------------------
 
 // act 0: silu, act 1: gelu (tanh approximation).

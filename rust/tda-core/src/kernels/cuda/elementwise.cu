@@ -26,6 +26,29 @@ extern "C" __global__ void mask_cols(float *__restrict__ a, const float *__restr
     GRID_STRIDE(i, total) a[i] *= keep[i % n];
 }
 
+// The many-row sparse FFN activation (prefill, scoring) over `rows` rows of n values, as decoding
+// decides it (ffn.cu). No gate (*gate_ptr == 0): a = act(a) * u * keep[j], gate_act then mask_cols.
+// Gated: a = act(a) * u where neuron j is kept and |act(a)| >= t, else 0, row by row; the passing
+// neurons (one atomic per block) and the rows (block 0) are added to counters[1] and counters[0].
+extern "C" __global__ void __launch_bounds__(256)
+    sparse_act(float *__restrict__ a, const float *__restrict__ u, const float *__restrict__ keep,
+               const float *__restrict__ gate_ptr, unsigned long long *__restrict__ counters, unsigned rows, unsigned n,
+               int act) {
+    const float t = *gate_ptr;
+    unsigned passed = 0;
+    GRID_STRIDE(i, (size_t)rows * n) {
+        const float g = activate(act, a[i]);
+        if (t > 0.f) {
+            const bool pass = keep[i % n] != 0.f && fabsf(g) >= t;
+            a[i] = pass ? g * u[i] : 0.f;
+            passed += pass;
+        } else {
+            a[i] = g * u[i] * keep[i % n];
+        }
+    }
+    if (t > 0.f) count_gated(passed, rows, counters);
+}
+
 // out[t, j] += bias[j] over rows of `width` values
 extern "C" __global__ void bias_rows(float *__restrict__ out, const float *__restrict__ bias, unsigned long long total,
                                      unsigned width) {

@@ -19,40 +19,9 @@
 // ---- GEMV --------------------------------------------------------------------------------------
 
 template <typename T>
-__device__ __forceinline__ float row_dot_vec(const T *__restrict__ w, const float *__restrict__ x, int cols, int lane) {
-    constexpr int N = Vec16<T>::N;
-    const uint4 *wv = reinterpret_cast<const uint4 *>(w);
-    const int nv = cols / N;
-    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-    int v = lane;
-    for (; v + 96 < nv; v += 128) {
-        const uint4 w0 = ld_vec(wv + v), w1 = ld_vec(wv + v + 32), w2 = ld_vec(wv + v + 64), w3 = ld_vec(wv + v + 96);
-        a0 += dot_vec<T>(w0, x + (size_t)v * N);
-        a1 += dot_vec<T>(w1, x + (size_t)(v + 32) * N);
-        a2 += dot_vec<T>(w2, x + (size_t)(v + 64) * N);
-        a3 += dot_vec<T>(w3, x + (size_t)(v + 96) * N);
-    }
-    for (; v < nv; v += 32) a0 += dot_vec<T>(ld_vec(wv + v), x + (size_t)v * N);
-    return warp_sum((a0 + a1) + (a2 + a3));
-}
-
-template <typename T>
-__device__ __forceinline__ float row_dot_scalar(const T *__restrict__ w, const float *__restrict__ x, int cols, int lane) {
-    float a0 = 0.f, a1 = 0.f;
-    int c = lane;
-    for (; c + 32 < cols; c += 64) {
-        a0 += to_f32(w[c]) * __ldg(x + c);
-        a1 += to_f32(w[c + 32]) * __ldg(x + c + 32);
-    }
-    for (; c < cols; c += 32) a0 += to_f32(w[c]) * __ldg(x + c);
-    return warp_sum(a0 + a1);
-}
-
-template <typename T>
 __device__ __forceinline__ void gemv_row(const T *__restrict__ W, const float *__restrict__ bias, const float *__restrict__ x,
                                          float *__restrict__ y, int row, int cols, int vec, int lane) {
-    const T *w = W + (size_t)row * cols;
-    const float s = vec ? row_dot_vec<T>(w, x, cols, lane) : row_dot_scalar<T>(w, x, cols, lane);
+    const float s = row_dot<T>(W + (size_t)row * cols, x, cols, vec, lane);
     if (lane == 0) y[row] = bias ? s + bias[row] : s;
 }
 
@@ -89,11 +58,16 @@ __device__ __forceinline__ void linear3_impl(const T *W0, const float *b0, float
 // partial[blockIdx.y][c] = sum over this block's rows i of a[i] * W[row(i), c], row(i) = idx ? idx[i] : i,
 // for i < count = min(count_ptr ? *count_ptr : n, n). Vector path: grid.x = ceil(cols / (128 * N)),
 // one 16-byte vector of columns per thread; scalar path: grid.x = ceil(cols / 128), one column each.
+// Gated (a per-token gate threshold *gate_ptr > 0, read from device memory like the count): the
+// neurons that did not pass have a[i] == 0 exactly (ffn.cu) and their rows are not read; the others
+// are added in the same order as ungated.
 template <typename T>
 __device__ __forceinline__ void rows_axpy_impl(const T *__restrict__ W, int cols, const float *__restrict__ a,
                                                const unsigned *__restrict__ idx, const unsigned *__restrict__ count_ptr,
-                                               unsigned n, int vec, float *__restrict__ partial) {
+                                               const float *__restrict__ gate_ptr, unsigned n, int vec,
+                                               float *__restrict__ partial) {
     const unsigned count = count_ptr ? min(*count_ptr, n) : n;
+    const bool gated = gate_ptr && *gate_ptr > 0.f;
     const unsigned share = (count + gridDim.y - 1) / gridDim.y;
     const unsigned i0 = min(blockIdx.y * share, count), i1 = min(i0 + share, count);
     float *out = partial + (size_t)blockIdx.y * cols;
@@ -105,6 +79,34 @@ __device__ __forceinline__ void rows_axpy_impl(const T *__restrict__ W, int cols
 #pragma unroll
         for (int k = 0; k < N; ++k) acc[k] = 0.f;
         unsigned i = i0;
+        if (gated) {
+            // The next four passing rows (every thread of the block scans the same a[i]: no
+            // divergence), loaded together; slots past the block's rows stay empty (s == 0) and
+            // load nothing. Ends at i1, so the ungated loops below add nothing.
+            while (i < i1) {
+                unsigned j[4];
+                float s[4];
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    while (i < i1 && a[i] == 0.f) ++i;
+                    s[q] = i < i1 ? a[i] : 0.f;
+                    j[q] = i < i1 ? (idx ? idx[i] : i) : 0;
+                    i += i < i1;
+                }
+                uint4 w[4] = {};
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+                    if (s[q] != 0.f) w[q] = ld_vec(W + (size_t)j[q] * cols + c0);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    if (s[q] == 0.f) continue;
+                    float f[N];
+                    unpack(w[q], f, T());
+#pragma unroll
+                    for (int k = 0; k < N; ++k) acc[k] += s[q] * f[k];
+                }
+            }
+        }
         for (; i + 4 <= i1; i += 4) {
             const unsigned j0 = idx ? idx[i] : i, j1 = idx ? idx[i + 1] : i + 1;
             const unsigned j2 = idx ? idx[i + 2] : i + 2, j3 = idx ? idx[i + 3] : i + 3;
@@ -141,6 +143,7 @@ __device__ __forceinline__ void rows_axpy_impl(const T *__restrict__ W, int cols
         if (c >= cols) return;
         float acc = 0.f;
         for (unsigned i = i0; i < i1; ++i) {
+            if (gated && a[i] == 0.f) continue;
             const unsigned j = idx ? idx[i] : i;
             acc += a[i] * to_f32(W[(size_t)j * cols + c]);
         }
@@ -178,9 +181,9 @@ extern "C" __global__ void __launch_bounds__(256) reduce_partials(const float *_
         linear3_impl<T>(W0, b0, y0, r0, W1, b1, y1, r1, W2, b2, y2, r2, x, cols, vec);                                     \
     }                                                                                                                      \
     extern "C" __global__ void __launch_bounds__(128)                                                                      \
-        rows_axpy_##S(const T *W, int cols, const float *a, const unsigned *idx, const unsigned *count_ptr, unsigned n,   \
-                      int vec, float *partial) {                                                                           \
-        rows_axpy_impl<T>(W, cols, a, idx, count_ptr, n, vec, partial);                                                    \
+        rows_axpy_##S(const T *W, int cols, const float *a, const unsigned *idx, const unsigned *count_ptr,              \
+                      const float *gate_ptr, unsigned n, int vec, float *partial) {                                        \
+        rows_axpy_impl<T>(W, cols, a, idx, count_ptr, gate_ptr, n, vec, partial);                                          \
     }
 
 GEMV_KERNELS(float, f32)

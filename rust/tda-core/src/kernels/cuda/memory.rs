@@ -327,10 +327,12 @@ impl DeviceStep {
     }
 }
 
-/// One FFN layer's kept neurons in device memory: one allocation holding the kept count (u32),
-/// the kept indices (u32, room for all `n` neurons) and the 0/1 keep row (f32, `n`), written by
-/// `prepare_ffn` once per selection. The count lives on the device, so that a recorded decode
-/// step reads the current selection. Allocated at the first `prepare_ffn` (which knows `n`).
+/// One FFN layer's kept neurons in device memory: one allocation holding a header (the kept count
+/// (u32), the per-token gate threshold (f32, 0: no gate), and the gate's counters: token rows run
+/// gated and neurons that passed in them (two u64)), the kept indices (u32, room for all `n`
+/// neurons) and the 0/1 keep row (f32, `n`), written by `prepare_ffn` once per selection (which
+/// zeroes the counters). Count and threshold live on the device, so that a recorded decode step
+/// reads the current selection. Allocated at the first `prepare_ffn` (which knows `n`).
 #[derive(Default)]
 pub struct DeviceKept {
     pub(crate) n: usize,
@@ -341,7 +343,29 @@ pub struct DeviceKept {
     pub(crate) all: bool,
 }
 
+/// Device addresses of the parts of a [`DeviceKept`].
+#[derive(Clone, Copy)]
+pub(crate) struct KeptPtrs {
+    /// The kept count (u32).
+    pub count: u64,
+    /// The gate threshold (f32).
+    pub gate: u64,
+    /// `[rows, passed]` (u64).
+    pub counters: u64,
+    /// The kept indices (u32).
+    pub idx: u64,
+    /// The keep row (f32).
+    pub keep: u64,
+}
+
 impl DeviceKept {
+    /// Byte offset of the threshold in the header (the count is at 0).
+    pub(crate) const GATE: usize = 4;
+    /// Byte offset of the counters (8-byte aligned, for the kernels' 64-bit atomics).
+    const COUNTERS: usize = 8;
+    /// Bytes of the header (the indices start 16-byte aligned).
+    const HEADER: usize = 32;
+
     /// Neurons the index buffer has room for (0 before the first `prepare_ffn`).
     pub fn capacity(&self) -> usize {
         self.n
@@ -352,9 +376,9 @@ impl DeviceKept {
         self.version
     }
 
-    /// Byte offsets of the indices and of the keep row in the allocation (the count is at 0).
+    /// Byte offsets of the indices and of the keep row in the allocation.
     pub(crate) fn offsets(n: usize) -> (usize, usize) {
-        let idx = 16;
+        let idx = Self::HEADER;
         (idx, idx + (4 * n).div_ceil(16) * 16)
     }
 
@@ -362,11 +386,16 @@ impl DeviceKept {
         Self::offsets(n).1 + 4 * n
     }
 
-    /// Device addresses of (count, indices, keep row).
-    pub(crate) fn ptrs(&self) -> Option<(u64, u64, u64)> {
-        let m = self.mem.as_ref()?;
+    pub(crate) fn ptrs(&self) -> Option<KeptPtrs> {
+        let base = self.mem.as_ref()?.ptr();
         let (i, k) = Self::offsets(self.n);
-        Some((m.ptr(), m.ptr() + i as u64, m.ptr() + k as u64))
+        Some(KeptPtrs {
+            count: base,
+            gate: base + Self::GATE as u64,
+            counters: base + Self::COUNTERS as u64,
+            idx: base + i as u64,
+            keep: base + k as u64,
+        })
     }
 }
 

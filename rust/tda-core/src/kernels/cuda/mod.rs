@@ -9,20 +9,23 @@
 //! stream-ordered (`memory.rs`). The kernels are nvcc-built PTX (`build.rs`, `*.cu`), loaded once
 //! per backend (`launch.rs`). Decode steps can be recorded as CUDA graphs and replayed
 //! (`graph.rs`, which records on a second, private stream): every kernel reads the step's token
-//! ids and first position, and a layer's kept-neuron list and count, from device memory, and
-//! sizes its grid by capacities, so a recording stays valid from token to token.
+//! ids and first position, and a layer's kept-neuron list, count and gate threshold, from device
+//! memory, and sizes its grid by capacities, so a recording stays valid from token to token.
 //!
 //! # Kernels (the files beside this one)
 //! - `gemv.cu`: decode products (one row): a warp per output row streaming 16-byte vectors, q/k/v
 //!   in one launch, and the transposed product `sum_i a_i W[row_i, :]` split over row slices with
-//!   a fixed-order reduction (no atomics anywhere: results repeat run to run).
+//!   a fixed-order reduction (no float atomics anywhere: results repeat run to run).
 //! - `ffn.cu`: the sparse/dense fused FFN: a warp per kept neuron computes
 //!   `act(g.x + bg) * (u.x + bu)` reading the kept list in place; the down projection is the
-//!   transposed product over the same list.
+//!   transposed product over the same list. Per-token gating (CATS, the hybrid): the gate row
+//!   first, then the up and down rows only of the neurons whose `|act(g.x + bg)|` reaches the
+//!   layer's threshold, counted on the device (integer atomics) for `ffn_counts`.
 //! - `attention.cu`: the cache write, flash-decoding for one row (grid fixed by the cache
 //!   capacity) and a tiled online-softmax kernel for prefill.
-//! - `norm.cu`, `elementwise.cu`, `stats.cu`, `weights.cu`: RMSNorm, element-wise ops, embed and
-//!   rope (reading the step on the device), prompt statistics, random fills and row norms.
+//! - `norm.cu`, `elementwise.cu`, `stats.cu`, `weights.cu`: RMSNorm, element-wise ops (among them
+//!   the many-row sparse activation, gated row by row as decoding gates), embed and rope (reading
+//!   the step on the device), prompt statistics, random fills and row norms.
 //! - `sample.cu`: argmax and the top-k / top-p / min-p draw in one block.
 //!
 //! Prefill products (many rows) go through cuBLAS (`gemm.rs`). All activations are f32; weights stay

@@ -210,7 +210,8 @@ impl CudaBackend {
 
     /// `out[c] = sum_{i < count} a[i] W[row_i, c] (+ bias[c])`, `row_i = idx[i]` (or `i` when `idx`
     /// is 0), `count = *count_ptr` (or `n` when 0): split over row slices, then reduced in order.
-    /// The grid depends on `n` only.
+    /// When `*gate_ptr > 0` (a gated FFN layer; 0: no pointer) the rows with `a[i] == 0` are not
+    /// read. The grid depends on `n` only.
     #[allow(clippy::too_many_arguments)]
     fn transposed_product(
         &self,
@@ -219,6 +220,7 @@ impl CudaBackend {
         a: u64,
         idx: u64,
         count_ptr: u64,
+        gate_ptr: u64,
         n: usize,
         bias: u64,
         out: u64,
@@ -242,6 +244,7 @@ impl CudaBackend {
                 A::P(a),
                 A::P(idx),
                 A::P(count_ptr),
+                A::P(gate_ptr),
                 A::U(u32_of(n, "rows")?),
                 A::I(vec as i32),
                 A::P(partial),
@@ -442,9 +445,6 @@ impl Backend for CudaBackend {
         let FfnScratch::Cuda(s) = scratch else {
             return Err(host_handle("FFN scratch"));
         };
-        if gate > 0.0 {
-            return Err(Error::arg(crate::kernels::GATED_ON_CUDA));
-        }
         let n = w.gate.rows;
         if s.version == Some(version) && s.n == n && s.mem.is_some() {
             return Ok(());
@@ -462,14 +462,15 @@ impl Backend for CudaBackend {
             s.mem = Some(self.alloc(DeviceKept::bytes(n), "a kept-neuron list")?);
             s.n = n;
         }
-        let Some((base, _, _)) = s.ptrs() else {
+        let Some(p) = s.ptrs() else {
             return Err(Error::Internal("kept-neuron list missing".into()));
         };
-        // [count, pad] [indices] [pad] [keep row], as DeviceKept::offsets lays them out.
+        // [count, gate, counters (zero), pad] [indices] [pad] [keep row], as DeviceKept lays them out.
         let (idx_off, keep_off) = DeviceKept::offsets(n);
         let mut bytes = vec![0u8; DeviceKept::bytes(n)];
         let count = kept.map_or(n, <[u32]>::len) as u32;
         bytes[..4].copy_from_slice(&count.to_le_bytes());
+        bytes[DeviceKept::GATE..DeviceKept::GATE + 4].copy_from_slice(&gate.to_le_bytes());
         let idx = &mut bytes[idx_off..idx_off + 4 * n];
         match kept {
             Some(k) => idx[..4 * k.len()].copy_from_slice(as_bytes(k)),
@@ -480,7 +481,7 @@ impl Backend for CudaBackend {
             }
         }
         bytes[keep_off..keep_off + 4 * n].copy_from_slice(as_bytes(&keep_row[..n]));
-        self.upload_bytes(base, &bytes)?;
+        self.upload_bytes(p.count, &bytes)?;
         s.version = Some(version);
         s.all = kept.is_none();
         Ok(())
@@ -611,7 +612,7 @@ impl Backend for CudaBackend {
             1 => {
                 let mut s = self.scratch();
                 self.bind()?;
-                self.transposed_product(&mut s, m, xd.ptr(), 0, 0, m.rows, b, od.ptr())
+                self.transposed_product(&mut s, m, xd.ptr(), 0, 0, 0, m.rows, b, od.ptr())
             }
             _ => {
                 self.gemm(m, false, rows, xd.ptr(), od.ptr())?;
@@ -884,7 +885,7 @@ impl Backend for CudaBackend {
         let k = kept(scratch)?;
         // Never prepared: there is no selection to apply (as the CPU). Keeping every neuron changes
         // nothing, but a recording launches anyway so that it serves later selections too.
-        let Some((_, _, keep)) = k.ptrs() else {
+        let Some(p) = k.ptrs() else {
             return Ok(());
         };
         if k.all && !self.recording() {
@@ -905,8 +906,57 @@ impl Backend for CudaBackend {
             (self.grid_for(total), 1, 1),
             (THREADS, 1, 1),
             0,
-            &[A::P(ad.ptr()), A::P(keep), A::L(total as u64), A::U(u32_of(n, "neurons")?)],
+            &[A::P(ad.ptr()), A::P(p.keep), A::L(total as u64), A::U(u32_of(n, "neurons")?)],
         )
+    }
+
+    fn sparse_act(
+        &self,
+        act: Activation,
+        a: &mut Buf,
+        u: &Buf,
+        rows: usize,
+        n: usize,
+        scratch: &mut FfnScratch,
+    ) -> Result<()> {
+        let k = kept(scratch)?;
+        // Never prepared: no selection to apply (as mask_cols).
+        let Some(p) = k.ptrs() else {
+            return self.gate_act(act, a, u, rows * n);
+        };
+        if k.n != n {
+            return Err(Error::Internal(format!("sparse_act over {n} neurons with a keep row of {}", k.n)));
+        }
+        let ud = dev(u)?;
+        let ad = dev_mut(a)?;
+        let total = rows * n;
+        need(ad, total, "sparse_act")?;
+        need(ud, total, "sparse_act")?;
+        self.bind()?;
+        // One kernel whether or not the layer is gated: it reads the threshold where decoding does.
+        self.pointwise(
+            &self.k.sparse_act,
+            total,
+            &[
+                A::P(ad.ptr()),
+                A::P(ud.ptr()),
+                A::P(p.keep),
+                A::P(p.gate),
+                A::P(p.counters),
+                A::U(u32_of(rows, "rows")?),
+                A::U(u32_of(n, "neurons")?),
+                A::I(act_code(act)),
+            ],
+        )
+    }
+
+    fn ffn_counts(&self, scratch: &FfnScratch, version: u64) -> Option<(u64, u64)> {
+        let k = kept(scratch).ok()?;
+        let p = k.ptrs().filter(|_| k.version == Some(version))?;
+        // A small synchronous read (after the queued kernels), when results are reported.
+        let mut c = [0u64; 2];
+        self.download_bytes(p.counters, as_bytes_mut(&mut c)).ok()?;
+        Some((c[0], c[1]))
     }
 
     fn ffn_decode(
@@ -927,14 +977,15 @@ impl Backend for CudaBackend {
         need(xd, d, "ffn input")?;
         let bg = opt_ptr(w.gate_bias, n, "gate bias")?;
         let bu = opt_ptr(w.up_bias, n, "up bias")?;
-        // Sparse: the kept list and its count in device memory (all neurons when the selection
-        // keeps every one), so that a recording serves every later selection.
-        let (idx, count) = match sparse {
-            false => (0, 0),
+        // Sparse: the kept list, its count, the gate threshold and the gate's counters in device
+        // memory (all neurons when the selection keeps every one; threshold 0 when it has no gate),
+        // so that a recording serves every later selection.
+        let (idx, count, gate, counters) = match sparse {
+            false => (0, 0, 0, 0),
             true => {
                 let k = kept(scratch)?;
                 match k.ptrs() {
-                    Some((c, i, _)) if k.n == n => (i, c),
+                    Some(p) if k.n == n => (p.idx, p.count, p.gate, p.counters),
                     _ => return Err(Error::Internal("sparse FFN decode before prepare_ffn".into())),
                 }
             }
@@ -961,13 +1012,15 @@ impl Backend for CudaBackend {
                 A::I(i32_of(d, "hidden size")?),
                 A::P(idx),
                 A::P(count),
+                A::P(gate),
+                A::P(counters),
                 A::U(u32_of(n, "neurons")?),
                 A::I(act_code(w.act)),
                 A::I(vec_ok(d, g.dtype) as i32),
                 A::P(a),
             ],
         )?;
-        self.transposed_product(&mut s, dn, a, idx, count, n, 0, od.ptr())
+        self.transposed_product(&mut s, dn, a, idx, count, gate, n, 0, od.ptr())
     }
 
     fn soft_cap(&self, x: &mut Buf, cap: f32, len: usize) -> Result<()> {

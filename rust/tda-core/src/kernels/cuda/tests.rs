@@ -1,6 +1,6 @@
 //! Parity of the CUDA backend with the CPU backend, operation by operation, on random inputs
-//! (f32, bf16 and f16 weights; odd shapes that take the scalar paths; sparse and dense FFNs;
-//! recorded steps). Run on a machine with a GPU:
+//! (f32, bf16 and f16 weights; odd shapes that take the scalar paths; sparse, gated and dense
+//! FFNs; recorded steps). Run on a machine with a GPU:
 //!
 //! ```text
 //! cargo test --release -p tda-core --features cuda kernels::cuda
@@ -10,8 +10,8 @@
 
 use super::{device_count, CudaBackend};
 use crate::config::Activation;
-use crate::kernels::cpu::CpuBackend;
-use crate::kernels::{AttnShape, Backend, Buf, Draw, Graphs};
+use crate::kernels::cpu::{activate, CpuBackend};
+use crate::kernels::{AttnShape, Backend, Buf, Draw, FfnWeights, Graphs, Matrix};
 use candle_core::{DType, Device, Tensor};
 use std::sync::OnceLock;
 
@@ -159,6 +159,7 @@ fn ffn_decode_dense_and_sparse_match_the_cpu() {
                     gate: &mc[0],
                     up: &mc[1],
                     down_t: &mc[2],
+                    down: None,
                     gate_bias: Some(&bc),
                     up_bias: None,
                     act,
@@ -167,6 +168,7 @@ fn ffn_decode_dense_and_sparse_match_the_cpu() {
                     gate: &mg[0],
                     up: &mg[1],
                     down_t: &mg[2],
+                    down: None,
                     gate_bias: Some(&bg),
                     up_bias: None,
                     act,
@@ -183,6 +185,102 @@ fn ffn_decode_dense_and_sparse_match_the_cpu() {
                         close(&what, &down(gpu, &og, d), &down(&cpu, &oc, d), 1e-4);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// A gate threshold in the widest gap between consecutive values of the middle half of `|v|`, so
+/// that no value lies within rounding of it: both backends then pass the same neurons.
+fn threshold_in_gap(v: &[f32]) -> f32 {
+    let mut a: Vec<f32> = v.iter().map(|x| x.abs()).collect();
+    a.sort_by(f32::total_cmp);
+    let mid = &a[a.len() / 4..a.len() * 3 / 4 + 1];
+    let (lo, hi) = mid.windows(2).map(|w| (w[0], w[1])).max_by(|x, y| (x.1 - x.0).total_cmp(&(y.1 - y.0))).unwrap();
+    (lo + hi) / 2.0
+}
+
+/// Gate, up and transposed down matrices with a gate bias, as one FFN.
+fn ffn_weights<'a>(m: &'a [Matrix; 3], gate_bias: &'a Buf, act: Activation) -> FfnWeights<'a> {
+    FfnWeights { gate: &m[0], up: &m[1], down_t: &m[2], down: None, gate_bias: Some(gate_bias), up_bias: None, act }
+}
+
+/// The weights as the kernels see them (widened from `dtype`).
+fn as_read(v: &[f32], rows: usize, cols: usize, dtype: DType) -> Vec<f32> {
+    tensor(v, rows, cols, dtype).to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn gated_ffn_decode_and_sparse_act_match_the_cpu() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend;
+    let act = Activation::Silu;
+    for dtype in DTYPES {
+        for &(n, d) in &[(176usize, 64usize), (300, 130), (1024, 256)] {
+            let (g, u, dt) = (vals(n * d, 11), vals(n * d, 12), vals(n * d, 13));
+            let mk = |be: &dyn Backend| {
+                [
+                    be.matrix(tensor(&g, n, d, dtype)).unwrap(),
+                    be.matrix(tensor(&u, n, d, dtype)).unwrap(),
+                    be.matrix(tensor(&dt, n, d, dtype)).unwrap(),
+                ]
+            };
+            let (mc, mg) = (mk(&cpu), mk(gpu));
+            let bias = vals(n, 14);
+            let (bc, bg) = (cpu.upload(&bias).unwrap(), gpu.upload(&bias).unwrap());
+            let (wc, wg) = (ffn_weights(&mc, &bc, act), ffn_weights(&mg, &bg, act));
+            // Two token rows; |act(g_j . x + bg_j)| of both, for thresholds clear of every value.
+            let xs = [vals(d, 15), vals(d, 16)];
+            let gr = as_read(&g, n, d, dtype);
+            let mut acts = Vec::with_capacity(2 * n);
+            for x in &xs {
+                for j in 0..n {
+                    let s: f64 = (0..d).map(|c| gr[j * d + c] as f64 * x[c] as f64).sum();
+                    acts.push(activate(act, (s + bias[j] as f64) as f32));
+                }
+            }
+            let top = acts.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let kept: Vec<u32> = (0..n as u32).filter(|j| j % 3 != 1).collect();
+            let keep_row: Vec<f32> = (0..n).map(|j| if j % 3 != 1 { 1.0 } else { 0.0 }).collect();
+            let (mut sc, mut sg) = (cpu.new_ffn_scratch(), gpu.new_ffn_scratch());
+            let mut version = 0;
+            // A threshold in the middle (some pass), one above every value (none pass).
+            for t in [threshold_in_gap(&acts), 2.0 * top] {
+                for sel in [Some(&kept[..]), None] {
+                    version += 1;
+                    cpu.prepare_ffn(&wc, sel, &keep_row, t, version, &mut sc).unwrap();
+                    gpu.prepare_ffn(&wg, sel, &keep_row, t, version, &mut sg).unwrap();
+                    let what = format!("gated ffn {dtype:?} n={n} d={d} t={t} all={}", sel.is_none());
+                    for x in &xs {
+                        let (xc, xg) = (cpu.upload(x).unwrap(), gpu.upload(x).unwrap());
+                        let (mut oc, mut og) = (cpu.zeros(d).unwrap(), gpu.zeros(d).unwrap());
+                        cpu.ffn_decode(&wc, true, &mut sc, &xc, &mut oc).unwrap();
+                        gpu.ffn_decode(&wg, true, &mut sg, &xg, &mut og).unwrap();
+                        close(&what, &down(gpu, &og, d), &down(&cpu, &oc, d), 1e-4);
+                    }
+                    let (cc, cg) = (cpu.ffn_counts(&sc, version).unwrap(), gpu.ffn_counts(&sg, version).unwrap());
+                    assert_eq!(cg, cc, "{what}: (rows, passed) cuda vs cpu");
+                    assert_eq!(cg.0, 2, "{what}: rows");
+                    assert!(t < top || cg.1 == 0, "{what}: {} passed a threshold above every value", cg.1);
+                    assert_eq!(gpu.ffn_counts(&sg, version + 1), None, "{what}: counts of another selection");
+                }
+            }
+            // The many-row pass: the same rule per row, counted the same way.
+            let rows = 7;
+            let (a, uu) = (vals(rows * n, 17).iter().map(|v| 4.0 * v).collect::<Vec<_>>(), vals(rows * n, 18));
+            let mid = threshold_in_gap(&a.iter().map(|&v| activate(act, v)).collect::<Vec<_>>());
+            for (t, sel) in [(mid, Some(&kept[..])), (mid, None), (0.0, Some(&kept[..]))] {
+                version += 1;
+                cpu.prepare_ffn(&wc, sel, &keep_row, t, version, &mut sc).unwrap();
+                gpu.prepare_ffn(&wg, sel, &keep_row, t, version, &mut sg).unwrap();
+                let (mut ac, mut ag) = (cpu.upload(&a).unwrap(), gpu.upload(&a).unwrap());
+                let (uc, ug) = (cpu.upload(&uu).unwrap(), gpu.upload(&uu).unwrap());
+                cpu.sparse_act(act, &mut ac, &uc, rows, n, &mut sc).unwrap();
+                gpu.sparse_act(act, &mut ag, &ug, rows, n, &mut sg).unwrap();
+                let what = format!("sparse_act {dtype:?} n={n} t={t} all={}", sel.is_none());
+                close(&what, &down(gpu, &ag, rows * n), &down(&cpu, &ac, rows * n), 1e-6);
+                let (cc, cg) = (cpu.ffn_counts(&sc, version).unwrap(), gpu.ffn_counts(&sg, version).unwrap());
+                assert_eq!(cg, cc, "{what}: (rows, passed) cuda vs cpu");
             }
         }
     }
@@ -279,6 +377,7 @@ fn statistics_and_masks_match_the_cpu() {
         gate: &m,
         up: &m,
         down_t: &m,
+        down: None,
         gate_bias: None,
         up_bias: None,
         act: Activation::Silu,
@@ -287,6 +386,7 @@ fn statistics_and_masks_match_the_cpu() {
         gate: &mc,
         up: &mc,
         down_t: &mc,
+        down: None,
         gate_bias: None,
         up_bias: None,
         act: Activation::Silu,
@@ -394,13 +494,17 @@ fn recorded_steps_replay_like_plain_ones() {
         gate: &g,
         up: &u,
         down_t: &dn,
+        down: None,
         gate_bias: None,
         up_bias: None,
         act: Activation::Silu,
     };
     let kept: Vec<u32> = (0..n as u32).filter(|j| j % 2 == 0).collect();
     let keep_row: Vec<f32> = (0..n).map(|j| (j % 2 == 0) as u32 as f32).collect();
-    let run = |use_graph: bool| -> Vec<Vec<f32>> {
+    // Tokens 0-2: the kept half, no gate; tokens 3-5: every neuron, gated (a recording made for the
+    // first selection reads the second's threshold).
+    let gate = 0.5;
+    let run = |use_graph: bool| -> (Vec<Vec<f32>>, (u64, u64)) {
         let mut graphs: Graphs = None;
         let mut step = gpu.new_step(1).unwrap();
         let mut ffn = gpu.new_ffn_scratch();
@@ -416,8 +520,8 @@ fn recorded_steps_replay_like_plain_ones() {
         let mut outs = Vec::new();
         for t in 0..6usize {
             gpu.set_step(&mut step, &[(t * 7 % vocab) as u32], t).unwrap();
-            let sel = if t < 3 { Some(&kept[..]) } else { None };
-            gpu.prepare_ffn(&w, sel, &keep_row, 0.0, (t / 3) as u64, &mut ffn).unwrap();
+            let (sel, t_gate) = if t < 3 { (Some(&kept[..]), 0.0) } else { (None, gate) };
+            gpu.prepare_ffn(&w, sel, &keep_row, t_gate, (t / 3) as u64, &mut ffn).unwrap();
             let mut body = || {
                 gpu.embed(&table, &step, 1, Some(2.0), &mut x)?;
                 gpu.linear(&wq, None, &x, 1, &mut q)?;
@@ -433,12 +537,14 @@ fn recorded_steps_replay_like_plain_ones() {
             }
             outs.push(down(gpu, &out, d));
         }
-        outs
+        (outs, gpu.ffn_counts(&ffn, 1).unwrap())
     };
-    let (plain, replayed) = (run(false), run(true));
+    let ((plain, counted), (replayed, recounted)) = (run(false), run(true));
     for (t, (a, b)) in plain.iter().zip(&replayed).enumerate() {
         close(&format!("recorded step {t}"), b, a, 0.0);
     }
+    assert_eq!(recounted, counted, "gate counts, recorded vs plain");
+    assert!(counted.0 == 3 && counted.1 > 0 && counted.1 < 3 * n as u64, "gate counts {counted:?}");
 }
 
 #[test]

@@ -15,14 +15,17 @@ void gemv_bf16(const __nv_bfloat16 *, const float *, const float *, float *, int
 void gemv_f16(const __half *, const float *, const float *, float *, int, int, int);
 void linear3_bf16(const __nv_bfloat16 *, const float *, float *, int, const __nv_bfloat16 *, const float *, float *, int,
                   const __nv_bfloat16 *, const float *, float *, int, const float *, int, int);
-void rows_axpy_f32(const float *, int, const float *, const unsigned *, const unsigned *, unsigned, int, float *);
-void rows_axpy_bf16(const __nv_bfloat16 *, int, const float *, const unsigned *, const unsigned *, unsigned, int, float *);
-void rows_axpy_f16(const __half *, int, const float *, const unsigned *, const unsigned *, unsigned, int, float *);
+void rows_axpy_f32(const float *, int, const float *, const unsigned *, const unsigned *, const float *, unsigned, int,
+                   float *);
+void rows_axpy_bf16(const __nv_bfloat16 *, int, const float *, const unsigned *, const unsigned *, const float *, unsigned,
+                    int, float *);
+void rows_axpy_f16(const __half *, int, const float *, const unsigned *, const unsigned *, const float *, unsigned, int,
+                   float *);
 void reduce_partials(const float *, int, int, const float *, float *);
 void ffn_gate_up_f32(const float *, const float *, const float *, const float *, const float *, int, const unsigned *,
-                     const unsigned *, unsigned, int, int, float *);
+                     const unsigned *, const float *, unsigned long long *, unsigned, int, int, float *);
 void ffn_gate_up_bf16(const __nv_bfloat16 *, const __nv_bfloat16 *, const float *, const float *, const float *, int,
-                      const unsigned *, const unsigned *, unsigned, int, int, float *);
+                      const unsigned *, const unsigned *, const float *, unsigned long long *, unsigned, int, int, float *);
 void kv_write(const float *, const float *, float *, float *, const unsigned *, unsigned, unsigned, unsigned);
 void attn_decode(const float *, const float *, const float *, const unsigned *, int, int, int, float, float, unsigned,
                  float *, float *);
@@ -40,6 +43,7 @@ void sample_f32(const float *, unsigned, float, unsigned, float, float, float, f
 void row_sq_norms_bf16(const __nv_bfloat16 *, unsigned, unsigned, double *);
 void random_fill_bf16(__nv_bfloat16 *, unsigned long long, unsigned long long, float);
 void gate_act(float *, const float *, unsigned long long, int);
+void sparse_act(float *, const float *, const float *, const float *, unsigned long long *, unsigned, unsigned, int);
 void soft_cap(float *, float, unsigned long long);
 }
 
@@ -178,7 +182,7 @@ static void test_axpy(const char *name, F kernel, int n, int cols, bool sparse, 
     const int per = vec ? 16 / (int)sizeof(T) : 1;
     const unsigned col_blocks = (cols + 128 * per - 1) / (128 * per);
     emu_launch({col_blocks, (unsigned)chunks}, {128}, 0, [&] {
-        kernel(dw.p, cols, da.p, sparse ? didx.p : nullptr, sparse ? dcount.p : nullptr, n, vec, dpart.p);
+        kernel(dw.p, cols, da.p, sparse ? didx.p : nullptr, sparse ? dcount.p : nullptr, nullptr, n, vec, dpart.p);
     });
     emu_launch({(unsigned)(cols + 31) / 32}, {32, 8}, 0, [&] { reduce_partials(dpart.p, chunks, cols, bias ? db.p : nullptr, dout.p); });
     std::vector<double> want(cols, 0.0);
@@ -208,7 +212,7 @@ template <class T, class F> static void test_ffn(const char *name, F kernel, int
     const int vec = (d * (int)sizeof(T)) % 16 == 0;
     emu_launch({(unsigned)(n + 7) / 8}, {256}, 0, [&] {
         kernel(dg.p, du.p, bias ? dbg.p : nullptr, bias ? dbu.p : nullptr, dx.p, d, sparse ? didx.p : nullptr,
-               sparse ? dcount.p : nullptr, n, act, vec, da.p);
+               sparse ? dcount.p : nullptr, nullptr, nullptr, n, act, vec, da.p);
     });
     const unsigned m = sparse ? count : n;
     std::vector<double> want(m);
@@ -230,6 +234,146 @@ template <class T, class F> static void test_ffn(const char *name, F kernel, int
     char what[160];
     std::snprintf(what, sizeof what, "%s n=%d d=%d %s act=%d%s", name, n, d, sparse ? "sparse" : "dense", act, bias ? " +bias" : "");
     close(what, got, want, 1e-5);
+}
+
+// A gate threshold in the widest gap between consecutive values of the middle half of `v` (which
+// holds |act| values), so that rounding cannot move a neuron across it.
+static double threshold_in_gap(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t lo = v.size() / 4, hi = v.size() * 3 / 4;
+    size_t best = lo;
+    for (size_t k = lo; k < hi; ++k)
+        if (v[k + 1] - v[k] > v[best + 1] - v[best]) best = k;
+    return (v[best] + v[best + 1]) / 2;
+}
+
+// The gated decode FFN (ffn_gate_up with a threshold in device memory, then rows_axpy +
+// reduce_partials), two token rows per threshold, against a plain reference: the output, a[i] == 0
+// for the neurons that did not pass, and the counters (rows, passed). The down rows that must not be
+// read (neurons outside the kept list, or that did not pass) are NaN, so reading one shows. t = 0
+// must give the ungated kernels' result bit for bit; a threshold above every value passes none.
+template <class T, class FG, class FA>
+static void test_gated(const char *name, FG gate_up, FA axpy, int n, int d, bool sparse, int act, int chunks) {
+    auto g = narrow<T>(randv((size_t)n * d)), u = narrow<T>(randv((size_t)n * d)), dn = narrow<T>(randv((size_t)n * d));
+    auto gf = widen(g), uf = widen(u), df = widen(dn);
+    auto bg = randv(n), bu = randv(n);
+    const std::vector<float> xs[2] = {randv(d), randv(d)};
+    std::vector<unsigned> idx;
+    for (int j = 0; j < n; ++j)
+        if (!sparse || j % 3 != 1) idx.push_back(j);
+    const unsigned count = idx.size();
+    idx.resize(n, 0);
+    // Per token and candidate: act(g . x + bg) and u . x + bu.
+    std::vector<double> ga[2], uv[2], mags;
+    for (int t = 0; t < 2; ++t)
+        for (unsigned i = 0; i < count; ++i) {
+            const unsigned j = idx[i];
+            double sg = bg[j], su = bu[j];
+            for (int c = 0; c < d; ++c) {
+                sg += (double)gf[(size_t)j * d + c] * xs[t][c];
+                su += (double)uf[(size_t)j * d + c] * xs[t][c];
+            }
+            ga[t].push_back(act_ref(act, sg));
+            uv[t].push_back(su);
+            mags.push_back(std::fabs(ga[t].back()));
+        }
+    const double top = *std::max_element(mags.begin(), mags.end());
+    const int vec = (d * (int)sizeof(T)) % 16 == 0;
+    const int per = vec ? 16 / (int)sizeof(T) : 1;
+    const unsigned col_blocks = (d + 128 * per - 1) / (128 * per);
+    Buf<T> dg(g), du(u);
+    Buf<float> dbg(bg), dbu(bu), dx0(xs[0]), dx1(xs[1]), da(n), dpart((size_t)chunks * d), dout(d);
+    Buf<unsigned> didx(idx), dcount(std::vector<unsigned>{count});
+    const Buf<float> *dxs[2] = {&dx0, &dx1};
+    // One token through the kernels with threshold pointer `gate` (null: none) and down rows `w`.
+    auto run = [&](int t, const float *gate, unsigned long long *counters, const Buf<T> &w) {
+        emu_launch({(unsigned)(n + 7) / 8}, {256}, 0, [&] {
+            gate_up(dg.p, du.p, dbg.p, dbu.p, dxs[t]->p, d, sparse ? didx.p : nullptr, sparse ? dcount.p : nullptr, gate,
+                    counters, n, act, vec, da.p);
+        });
+        emu_launch({col_blocks, (unsigned)chunks}, {128}, 0, [&] {
+            axpy(w.p, d, da.p, sparse ? didx.p : nullptr, sparse ? dcount.p : nullptr, gate, n, vec, dpart.p);
+        });
+        emu_launch({(unsigned)(d + 31) / 32}, {32, 8}, 0, [&] { reduce_partials(dpart.p, chunks, d, nullptr, dout.p); });
+    };
+    Buf<T> dw(dn);
+    run(0, nullptr, nullptr, dw);
+    const auto ungated_a = da.vec(), ungated_out = dout.vec();
+    for (double t : {0.0, threshold_in_gap(mags), 2 * top}) {
+        const float tf = (float)t;
+        Buf<float> dgate(std::vector<float>{tf});
+        Buf<unsigned long long> counters(2);
+        unsigned long long passed = 0;
+        std::vector<float> got;
+        std::vector<double> want;
+        for (int k = 0; k < 2; ++k) {
+            // The down rows this token must not read, as NaN.
+            auto poisoned = dn;
+            std::vector<bool> read(n, false);
+            for (unsigned i = 0; i < count; ++i) read[idx[i]] = std::fabs(ga[k][i]) >= t;
+            for (int j = 0; j < n; ++j)
+                if (!read[j])
+                    for (int c = 0; c < d; ++c) poisoned[(size_t)j * d + c] = W<T>::from(NAN);
+            Buf<T> dpw(poisoned);
+            run(k, dgate.p, counters.p, dpw);
+            const auto a = da.vec(), out = dout.vec();
+            std::vector<double> ref(d, 0.0);
+            for (unsigned i = 0; i < count; ++i) {
+                const bool pass = std::fabs(ga[k][i]) >= t;
+                passed += pass;
+                if (!pass) {
+                    check(a[i] == 0.f, "a[i] of a neuron that did not pass", a[i], 0);
+                    continue;
+                }
+                for (int c = 0; c < d; ++c) ref[c] += ga[k][i] * uv[k][i] * df[(size_t)idx[i] * d + c];
+            }
+            if (k == 0 && tf == 0.f) {
+                // No gate: the ungated kernels' bits.
+                const bool same = std::memcmp(a.data(), ungated_a.data(), 4 * count) == 0 &&
+                                  std::memcmp(out.data(), ungated_out.data(), 4 * d) == 0;
+                check(same, "t = 0 gives the ungated bits", 0, 1);
+            }
+            got.insert(got.end(), out.begin(), out.end());
+            want.insert(want.end(), ref.begin(), ref.end());
+        }
+        // Counters only for a gate: two rows, and the passing neurons of both.
+        const unsigned long long want_rows = tf > 0.f ? 2 : 0, want_passed = tf > 0.f ? passed : 0;
+        check(counters.p[0] == want_rows, "gated rows counter", counters.p[0], want_rows);
+        check(counters.p[1] == want_passed, "gated passed counter", counters.p[1], want_passed);
+        if (t > top) check(passed == 0, "a threshold above every value passes none", passed, 0);
+        char what[200];
+        std::snprintf(what, sizeof what, "%s n=%d d=%d %s act=%d chunks=%d t=%g: %llu of %u passed", name, n, d,
+                      sparse ? "sparse" : "dense", act, chunks, t, passed, 2 * count);
+        close(what, got, want, 1e-5);
+    }
+}
+
+// sparse_act over rows of n values: the per-row gate and the keep row (gated), or act * u * keep,
+// against the CPU backend's formulas (float), with the counters.
+static void test_sparse_act(unsigned rows, unsigned n, int act, bool gated) {
+    auto a = randv((size_t)rows * n, -4, 4), u = randv((size_t)rows * n);
+    std::vector<float> keep(n);
+    for (unsigned j = 0; j < n; ++j) keep[j] = j % 3 != 1;
+    std::vector<double> mags;
+    for (float v : a) mags.push_back(std::fabs(act_ref(act, v)));
+    const float t = gated ? (float)threshold_in_gap(mags) : 0.f;
+    Buf<float> da(a), du(u), dkeep(keep), dgate(std::vector<float>{t});
+    Buf<unsigned long long> counters(2);
+    emu_launch({3}, {256}, 0, [&] { sparse_act(da.p, du.p, dkeep.p, dgate.p, counters.p, rows, n, act); });
+    std::vector<double> want(a.size());
+    unsigned long long passed = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+        const double g = act_ref(act, a[i]);
+        const bool pass = keep[i % n] != 0.f && std::fabs(g) >= t;
+        passed += gated && pass;
+        want[i] = gated ? (pass ? g * u[i] : 0.0) : g * u[i] * keep[i % n];
+    }
+    char what[120];
+    std::snprintf(what, sizeof what, "sparse_act rows=%u n=%u act=%d t=%g (%llu passed)", rows, n, act, t, passed);
+    int bad = failures;
+    check(counters.p[0] == (gated ? rows : 0), "sparse_act rows counter", counters.p[0], gated ? rows : 0);
+    check(counters.p[1] == passed, "sparse_act passed counter", counters.p[1], passed);
+    if (failures == bad) close(what, da.vec(), want, 1e-6);
 }
 
 // Reference attention of query rows at positions start + i (the CPU backend's loop, in double).
@@ -534,6 +678,13 @@ int main() {
     test_ffn<__nv_bfloat16>("ffn bf16", ffn_gate_up_bf16, 21, 1024, false, 1, true);
     test_ffn<float>("ffn f32", ffn_gate_up_f32, 19, 7, true, 1, true);
     test_ffn<float>("ffn f32", ffn_gate_up_f32, 19, 132, false, 0, false);
+    test_gated<float>("gated ffn f32", ffn_gate_up_f32, rows_axpy_f32, 45, 64, true, 0, 3);
+    test_gated<float>("gated ffn f32", ffn_gate_up_f32, rows_axpy_f32, 40, 7, false, 1, 4);
+    test_gated<__nv_bfloat16>("gated ffn bf16", ffn_gate_up_bf16, rows_axpy_bf16, 61, 128, false, 0, 5);
+    test_gated<__nv_bfloat16>("gated ffn bf16", ffn_gate_up_bf16, rows_axpy_bf16, 37, 1024, true, 1, 2);
+    test_sparse_act(5, 37, 0, true);
+    test_sparse_act(9, 130, 1, true);
+    test_sparse_act(5, 37, 0, false);
     test_attention(1, 300, 4, 2, 16, 600, 0.0f, 0);
     test_attention(1, 300, 4, 2, 16, 600, 5.0f, 100);
     test_attention(1, 0, 2, 2, 12, 40, 0.0f, 0);
