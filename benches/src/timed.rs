@@ -197,8 +197,8 @@ impl Backend for Timed {
     fn read_output(&self, b: Buf, host: &mut Vec<f32>) -> Result<()> {
         self.inner.read_output(b, host)
     }
-    fn copy(&self, src: &Buf, src_offset: usize, dst: &mut Buf, len: usize) -> Result<()> {
-        self.time("copy", || self.inner.copy(src, src_offset, dst, len))
+    fn copy(&self, src: &Buf, src_offset: usize, dst: &mut Buf, dst_offset: usize, len: usize) -> Result<()> {
+        self.time("copy", || self.inner.copy(src, src_offset, dst, dst_offset, len))
     }
     fn row_sq_norms(&self, w: &Matrix) -> Result<Vec<f64>> {
         self.inner.row_sq_norms(w)

@@ -7,9 +7,9 @@
 //! ids and `start` live in a [`Step`] that the backend's kernels read, so that a device backend can
 //! record one decode step as a graph and replay it for every later token ([`Backend::run_graph`]).
 //!
-//! The interface is shaped for rows that belong to one sequence; a batched decode (rows of several
-//! sequences, each with its own positions and cache) adds per-row positions to [`Step`] and a cache
-//! per row, and leaves the weight-streaming calls (`linear`, `ffn_decode`) as they are.
+//! A step's rows belong to one sequence. A batched decode step (`Model::decode_batch`: one row for
+//! each of several sequences) runs the weight-streaming calls (`linear`, the dense FFN) over all
+//! the rows, and `rope` and `attention` once per sequence, with that sequence's [`Step`] and cache.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -380,8 +380,8 @@ pub trait Backend: Send + Sync {
     /// (the CPU writes into `host` itself).
     fn output_buf(&self, host: Vec<f32>) -> Result<Buf>;
     fn read_output(&self, b: Buf, host: &mut Vec<f32>) -> Result<()>;
-    /// Copies `len` values of `src` from `src_offset` to the start of `dst`.
-    fn copy(&self, src: &Buf, src_offset: usize, dst: &mut Buf, len: usize) -> Result<()>;
+    /// Copies `len` values of `src` from `src_offset` into `dst` from `dst_offset`.
+    fn copy(&self, src: &Buf, src_offset: usize, dst: &mut Buf, dst_offset: usize, len: usize) -> Result<()>;
     /// `||W[r, :]||^2` for every row.
     fn row_sq_norms(&self, w: &Matrix) -> Result<Vec<f64>>;
 }

@@ -71,7 +71,8 @@ impl Attention {
     }
 
     /// Attends `rows` tokens at the step's positions (`x` normalised, `rows x hidden`); writes their
-    /// keys/values into the cache and the projected output into `out`.
+    /// keys/values into the cache and the projected output into `out`: [`Attention::project`],
+    /// [`Attention::attend`], [`Attention::output`].
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -83,22 +84,50 @@ impl Attention {
         b: AttnBuffers<'_>,
         out: &mut Buf,
     ) -> Result<()> {
+        self.project(be, x, rows, [&mut *b.q, &mut *b.k, &mut *b.v])?;
+        let ctx = self.attend(be, rows, step, ropes, b)?;
+        self.output(be, ctx, rows, out)
+    }
+
+    /// `q`, `k`, `v` of `rows` rows of `x` (any mix of sequences: the rows need no positions), with
+    /// the optional q/k norms.
+    pub fn project(&self, be: &dyn Backend, x: &Buf, rows: usize, [q, k, v]: [&mut Buf; 3]) -> Result<()> {
         let s = &self.shape;
         if rows == 1 {
-            be.linear3([self.q_proj.parts(), self.k_proj.parts(), self.v_proj.parts()], x, [b.q, b.k, b.v])?;
+            be.linear3([self.q_proj.parts(), self.k_proj.parts(), self.v_proj.parts()], x, [q, k, v])?;
         } else {
-            self.q_proj.forward(be, x, rows, b.q)?;
-            self.k_proj.forward(be, x, rows, b.k)?;
-            self.v_proj.forward(be, x, rows, b.v)?;
+            self.q_proj.forward(be, x, rows, q)?;
+            self.k_proj.forward(be, x, rows, k)?;
+            self.v_proj.forward(be, x, rows, v)?;
         }
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            qn.forward_inplace(be, b.q, rows * s.heads)?;
-            kn.forward_inplace(be, b.k, rows * s.kv_heads)?;
+            qn.forward_inplace(be, q, rows * s.heads)?;
+            kn.forward_inplace(be, k, rows * s.kv_heads)?;
         }
+        Ok(())
+    }
+
+    /// One sequence's `rows` projected rows (`b.q`, `b.k`, `b.v`) at the step's positions: rotates
+    /// `q` and `k`, writes the keys/values into that sequence's cache and attends over it into
+    /// `b.ctx`, which it returns.
+    pub fn attend<'b>(
+        &self,
+        be: &dyn Backend,
+        rows: usize,
+        step: &Step,
+        ropes: &[RopeTable],
+        b: AttnBuffers<'b>,
+    ) -> Result<&'b Buf> {
+        let s = &self.shape;
         let rope = &ropes[self.rope];
         be.rope(b.q, &rope.cos, &rope.sin, s.head_dim, s.heads * s.head_dim, step, rows)?;
         be.rope(b.k, &rope.cos, &rope.sin, s.head_dim, s.kv_heads * s.head_dim, step, rows)?;
         be.attention(s, step, rows, b.q, b.k, b.v, b.k_cache, b.v_cache, b.ctx)?;
-        self.o_proj.forward(be, b.ctx, rows, out)
+        Ok(b.ctx)
+    }
+
+    /// The output projection of `rows` context rows (any mix of sequences).
+    pub fn output(&self, be: &dyn Backend, ctx: &Buf, rows: usize, out: &mut Buf) -> Result<()> {
+        self.o_proj.forward(be, ctx, rows, out)
     }
 }

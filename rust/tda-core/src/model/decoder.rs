@@ -8,12 +8,17 @@
 //!     h = ffn(norm(x));   [h = post_ffn_norm(h)];   x = x + h
 //! logits = cap(norm(x) W_lm^T)
 //! ```
+//!
+//! [`Model::decode_batch`] runs one decode step of several sequences at once, one row each, so
+//! that every weight is read once per step: the projections and the dense FFN take all the rows,
+//! and each sequence attends over its own cache at its own position (and runs its sparse FFN, if
+//! it decodes sparsely, under its own mask).
 
 use super::attention::{Attention, AttnBuffers};
-use super::ffn::{Ffn, FfnBuffers, FfnMode};
+use super::ffn::{Ffn, FfnMode};
 use super::linear::{load_matrix, Linear};
 use super::norm::RmsNorm;
-use super::state::State;
+use super::state::{Batch, State};
 use crate::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::{Backend, Buf, Draw, Matrix};
@@ -53,6 +58,18 @@ pub struct Model {
     pool: Mutex<Vec<State>>,
     /// The logits live on a device (not the CPU), where sampling reads them.
     on_device: bool,
+}
+
+/// One sequence of a batched decode step ([`Model::decode_batch`]).
+pub struct BatchRow<'a> {
+    /// The sequence's run state: its cache, rope tables, mask and FFN scratch; its `logits` receive
+    /// the step's logits.
+    pub state: &'a mut State,
+    /// The token to decode, at position `position` (the number of positions already cached).
+    pub token: u32,
+    pub position: usize,
+    /// [`FfnMode::Dense`], or [`FfnMode::Sparse`] under the state's mask.
+    pub mode: FfnMode,
 }
 
 /// Which logits a forward pass produces.
@@ -322,10 +339,7 @@ impl Model {
         // What the kernels read besides the weights: the step, the kept neurons, a zeroed accumulator.
         be.set_step(&mut st.step, tokens, start)?;
         if mode == FfnMode::Sparse {
-            for (l, layer) in self.layers.iter().enumerate() {
-                let m = &st.mask;
-                be.prepare_ffn(&layer.ffn.weights(), m.kept(l), m.keep_row(l), m.gate(l), m.version(), &mut st.ffn[l])?;
-            }
+            self.prepare_sparse(st)?;
         }
         if mode == FfnMode::Observe {
             be.fill_zero(&mut st.stats_acc, st.stats_host.len())?;
@@ -381,10 +395,7 @@ impl Model {
             let (k_cache, v_cache) = st.cache.layer_mut(li);
             let bufs = AttnBuffers { q: &mut st.q, k: &mut st.k, v: &mut st.v, ctx: &mut st.ctx, k_cache, v_cache };
             layer.attn.forward(be, &st.xb, n, &st.step, &st.ropes, bufs, &mut st.out)?;
-            if let Some(pn) = &layer.post_attn_norm {
-                pn.forward_inplace(be, &mut st.out, n)?;
-            }
-            be.add(&mut st.x, &st.out, n * d)?;
+            self.residual(layer.post_attn_norm.as_ref(), &mut st.x, &mut st.out, n)?;
             if li == last_layer && !mode.observes() && n > 1 {
                 match read {
                     Read::All => {}
@@ -392,8 +403,8 @@ impl Model {
                     // The last two rows, not one: a single row would take decode's matrix-vector
                     // products, whose sums are ordered differently.
                     Read::Last if be.row_exact() && n > 2 => {
-                        be.copy(&st.x, (n - 2) * d, &mut st.out, 2 * d)?;
-                        be.copy(&st.out, 0, &mut st.x, 2 * d)?;
+                        be.copy(&st.x, (n - 2) * d, &mut st.out, 0, 2 * d)?;
+                        be.copy(&st.out, 0, &mut st.x, 0, 2 * d)?;
                         rows = 2;
                     }
                     Read::Last => {}
@@ -402,24 +413,13 @@ impl Model {
 
             // FFN sub-block.
             layer.ffn_norm.forward(be, &st.x, rows, &mut st.xb)?;
-            let bufs = FfnBuffers {
-                a: &mut st.ffn_a,
-                u: &mut st.ffn_u,
-                scratch: &mut st.ffn[li],
-                stats: &mut st.stats_acc,
-                stats_offset: 2 * li * n_ffn,
-                hist: st.gate_hist.as_deref_mut(),
-                layer: li,
-            };
-            layer.ffn.forward(be, &st.xb, rows, mode, bufs, &mut st.out)?;
-            if let Some(pn) = &layer.post_ffn_norm {
-                pn.forward_inplace(be, &mut st.out, rows)?;
-            }
-            be.add(&mut st.x, &st.out, rows * d)?;
+            let (xb, out, bufs) = st.ffn_io(li, n_ffn);
+            layer.ffn.forward(be, xb, rows, mode, bufs, out)?;
+            self.residual(layer.post_ffn_norm.as_ref(), &mut st.x, &mut st.out, rows)?;
         }
         if read == Read::Last {
             let v = self.cfg.vocab_size;
-            be.copy(&st.x, (rows - 1) * d, &mut st.out, d)?;
+            be.copy(&st.x, (rows - 1) * d, &mut st.out, 0, d)?;
             self.final_norm.forward(be, &st.out, 1, &mut st.xb)?;
             if rows > 1 {
                 // A prefill's logits keep their activations in f32, as every other product of the
@@ -432,6 +432,146 @@ impl Model {
             self.soft_cap(&mut st.logits, v)?;
         }
         Ok(())
+    }
+
+    /// One decode step of several sequences at once: sequence `i` decodes `seqs[i].token` at
+    /// `seqs[i].position`, appending its keys and values to its own cache, and receives its logits
+    /// in its state's `logits` (where [`Model::host_logits`] and [`Model::sample_on_device`] read
+    /// them). `batch` holds the step's rows (at least `seqs.len()`; [`Model::new_batch`]).
+    ///
+    /// Every weight is read once for all the rows: the norms, the q/k/v and output projections, the
+    /// dense FFN and the LM head run over `seqs.len()` rows; rope, the cache write and attention run
+    /// per sequence, over its cache at its position. A sequence decoding sparsely runs its row
+    /// through its own mask's FFN; when any sequence decodes dense, the dense FFN product takes
+    /// every row (one read of the weights) and the sparse rows' outputs are then replaced by theirs.
+    ///
+    /// The inputs are checked before anything runs: at least one sequence and no more than the
+    /// batch's rows, token ids below `vocab_size`, every position within its state's capacity, and
+    /// modes `Dense` or `Sparse`; an error otherwise, with every state as it was.
+    pub fn decode_batch(&self, seqs: &mut [BatchRow<'_>], batch: &mut Batch) -> Result<()> {
+        let b = seqs.len();
+        if b == 0 || b > batch.rows() {
+            return Err(Error::arg(format!(
+                "a batched step of {b} sequences does not fit a batch of {} rows",
+                batch.rows()
+            )));
+        }
+        if !batch.matches(&self.cfg) {
+            return Err(Error::arg("the batch was made for a model of other sizes"));
+        }
+        for (i, s) in seqs.iter().enumerate() {
+            if s.token as usize >= self.cfg.vocab_size {
+                return Err(Error::arg(format!(
+                    "sequence {i}: token id {} is out of range for vocab_size {}",
+                    s.token, self.cfg.vocab_size
+                )));
+            }
+            if s.position >= s.state.capacity() {
+                return Err(Error::arg(format!(
+                    "sequence {i}: position {} does not fit its state of {} positions",
+                    s.position,
+                    s.state.capacity()
+                )));
+            }
+            if !matches!(s.mode, FfnMode::Dense | FfnMode::Sparse) {
+                return Err(Error::arg(format!(
+                    "sequence {i}: a batched step decodes Dense or Sparse, not {:?}",
+                    s.mode
+                )));
+            }
+        }
+        self.be.in_pool(&mut || self.decode_batch_here(seqs, batch))
+    }
+
+    /// [`Model::decode_batch`] on the calling thread, its inputs checked.
+    fn decode_batch_here(&self, seqs: &mut [BatchRow<'_>], batch: &mut Batch) -> Result<()> {
+        let be = &*self.be;
+        let _device = be.exclusive();
+        let (b, d, v) = (seqs.len(), self.cfg.hidden_size, self.cfg.vocab_size);
+        let (qd, kvd, n_ffn) = (self.cfg.q_dim(), self.cfg.kv_dim(), self.cfg.intermediate_size);
+
+        batch.tokens.clear();
+        batch.tokens.extend(seqs.iter().map(|s| s.token));
+        be.set_step(&mut batch.rows.step, &batch.tokens, 0)?;
+        for s in seqs.iter_mut() {
+            be.set_step(&mut s.state.step, &[s.token], s.position)?;
+            if s.mode == FfnMode::Sparse {
+                self.prepare_sparse(s.state)?;
+            }
+        }
+        let any_dense = seqs.iter().any(|s| s.mode == FfnMode::Dense);
+        let rows = &mut batch.rows;
+
+        be.embed(&self.embed, &rows.step, b, self.cfg.embed_scale, &mut rows.x)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            // Attention: the projections over every row, each sequence's row attending over its cache.
+            layer.attn_norm.forward(be, &rows.x, b, &mut rows.xb)?;
+            layer.attn.project(be, &rows.xb, b, [&mut rows.q, &mut rows.k, &mut rows.v])?;
+            for (i, s) in seqs.iter_mut().enumerate() {
+                let st = &mut *s.state;
+                be.copy(&rows.q, i * qd, &mut st.q, 0, qd)?;
+                be.copy(&rows.k, i * kvd, &mut st.k, 0, kvd)?;
+                be.copy(&rows.v, i * kvd, &mut st.v, 0, kvd)?;
+                let (k_cache, v_cache) = st.cache.layer_mut(li);
+                let bufs = AttnBuffers { q: &mut st.q, k: &mut st.k, v: &mut st.v, ctx: &mut st.ctx, k_cache, v_cache };
+                let ctx = layer.attn.attend(be, 1, &st.step, &st.ropes, bufs)?;
+                be.copy(ctx, 0, &mut rows.ctx, i * qd, qd)?;
+            }
+            layer.attn.output(be, &rows.ctx, b, &mut rows.out)?;
+            self.residual(layer.post_attn_norm.as_ref(), &mut rows.x, &mut rows.out, b)?;
+
+            // FFN: the dense product over every row, then each sparse row under its own mask.
+            layer.ffn_norm.forward(be, &rows.x, b, &mut rows.xb)?;
+            if any_dense {
+                let (xb, out, bufs) = rows.ffn_io(li, n_ffn);
+                layer.ffn.forward(be, xb, b, FfnMode::Dense, bufs, out)?;
+            }
+            for (i, s) in seqs.iter_mut().enumerate().filter(|(_, s)| s.mode == FfnMode::Sparse) {
+                let st = &mut *s.state;
+                be.copy(&rows.xb, i * d, &mut st.xb, 0, d)?;
+                let (xb, out, bufs) = st.ffn_io(li, n_ffn);
+                layer.ffn.forward(be, xb, 1, FfnMode::Sparse, bufs, out)?;
+                be.copy(&st.out, 0, &mut rows.out, i * d, d)?;
+            }
+            self.residual(layer.post_ffn_norm.as_ref(), &mut rows.x, &mut rows.out, b)?;
+        }
+
+        self.final_norm.forward(be, &rows.x, b, &mut rows.xb)?;
+        self.lm_head.forward(be, &rows.xb, b, &mut batch.logits)?;
+        self.soft_cap(&mut batch.logits, b * v)?;
+        for (i, s) in seqs.iter_mut().enumerate() {
+            be.copy(&batch.logits, i * v, &mut s.state.logits, 0, v)?;
+        }
+        Ok(())
+    }
+
+    /// The activations of a batched decode step of up to `rows` sequences.
+    pub fn new_batch(&self, rows: usize) -> Result<Batch> {
+        Batch::new(&self.cfg, &*self.be, rows)
+    }
+
+    /// Makes every layer's FFN scratch in `st` hold the state's mask, where sparse decoding reads it.
+    fn prepare_sparse(&self, st: &mut State) -> Result<()> {
+        for (l, layer) in self.layers.iter().enumerate() {
+            let m = &st.mask;
+            self.be.prepare_ffn(
+                &layer.ffn.weights(),
+                m.kept(l),
+                m.keep_row(l),
+                m.gate(l),
+                m.version(),
+                &mut st.ffn[l],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `x += post_norm(out)` over `rows` rows (the sub-block's output normalised in place first).
+    fn residual(&self, post_norm: Option<&RmsNorm>, x: &mut Buf, out: &mut Buf, rows: usize) -> Result<()> {
+        if let Some(pn) = post_norm {
+            pn.forward_inplace(&*self.be, out, rows)?;
+        }
+        self.be.add(x, out, rows * self.cfg.hidden_size)
     }
 
     fn soft_cap(&self, logits: &mut Buf, len: usize) -> Result<()> {

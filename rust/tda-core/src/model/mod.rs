@@ -11,9 +11,9 @@ pub mod norm;
 pub mod rope;
 pub mod state;
 
-pub use decoder::{Logits, Model};
+pub use decoder::{BatchRow, Logits, Model};
 pub use ffn::FfnMode;
-pub use state::State;
+pub use state::{Batch, State};
 
 /// `log softmax(logits)[token]`.
 pub fn log_prob(logits: &[f32], token: u32) -> f32 {

@@ -1,7 +1,9 @@
 //! Preallocated run state: activation buffers for up to `rows` tokens, the KV cache, and the rope
 //! tables for `capacity` positions, all in the backend's memory. Decoding reuses it token after
-//! token without allocating.
+//! token without allocating. A [`Batch`] holds the activations of one batched decode step over
+//! several sequences (each of which keeps its own `State`).
 
+use super::ffn::FfnBuffers;
 use super::kv_cache::KvCache;
 use super::rope::RopeTable;
 use crate::config::ModelConfig;
@@ -91,5 +93,62 @@ impl State {
     /// Whether this state can run `rows` tokens at once and hold `capacity` positions.
     pub fn fits(&self, rows: usize, capacity: usize) -> bool {
         self.rows >= rows && self.capacity() >= capacity
+    }
+
+    /// Layer `layer`'s FFN input (`xb`), output (`out`) and buffers (`n` neurons a layer).
+    pub(crate) fn ffn_io(&mut self, layer: usize, n: usize) -> (&Buf, &mut Buf, FfnBuffers<'_>) {
+        let bufs = FfnBuffers {
+            a: &mut self.ffn_a,
+            u: &mut self.ffn_u,
+            scratch: &mut self.ffn[layer],
+            stats: &mut self.stats_acc,
+            stats_offset: 2 * layer * n,
+            hist: self.gate_hist.as_deref_mut(),
+            layer,
+        };
+        (&self.xb, &mut self.out, bufs)
+    }
+}
+
+/// The activations of a batched decode step ([`Model::decode_batch`]): one row per sequence, for
+/// up to `rows` sequences, and their logits. The sequences' caches, masks and positions stay in
+/// their own [`State`]s.
+///
+/// [`Model::decode_batch`]: super::Model::decode_batch
+pub struct Batch {
+    /// The model sizes the buffers were made for ([`Batch::sizes`]).
+    sizes: [usize; 5],
+    /// The step's activations, one row per sequence: a state of `rows` rows whose own cache (one
+    /// position) and mask go unused.
+    pub rows: State,
+    /// The rows' tokens, gathered for the embedding lookup.
+    pub(crate) tokens: Vec<u32>,
+    /// Every row's logits, `rows x vocab`.
+    pub logits: Buf,
+}
+
+impl Batch {
+    pub fn new(cfg: &ModelConfig, be: &dyn Backend, rows: usize) -> Result<Self> {
+        let rows = rows.max(1);
+        Ok(Self {
+            sizes: Self::sizes(cfg),
+            rows: State::new(cfg, be, rows, 1)?,
+            tokens: Vec::with_capacity(rows),
+            logits: be.zeros(rows * cfg.vocab_size)?,
+        })
+    }
+
+    /// How many sequences one step can take.
+    pub fn rows(&self) -> usize {
+        self.rows.rows()
+    }
+
+    /// Whether the buffers were made for a model of these sizes.
+    pub(crate) fn matches(&self, cfg: &ModelConfig) -> bool {
+        self.sizes == Self::sizes(cfg)
+    }
+
+    fn sizes(cfg: &ModelConfig) -> [usize; 5] {
+        [cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.vocab_size]
     }
 }

@@ -704,8 +704,16 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn copy(&self, src: &Buf, src_offset: usize, dst: &mut Buf, len: usize) -> Result<()> {
-        dst.host_mut()?[..len].copy_from_slice(&src.host()?[src_offset..src_offset + len]);
+    fn copy(&self, src: &Buf, src_offset: usize, dst: &mut Buf, dst_offset: usize, len: usize) -> Result<()> {
+        let (src, dst) = (src.host()?, dst.host_mut()?);
+        if src_offset + len > src.len() || dst_offset + len > dst.len() {
+            return Err(Error::Internal(format!(
+                "a copy of {len} values from {src_offset} of {} to {dst_offset} of {} is out of bounds",
+                src.len(),
+                dst.len()
+            )));
+        }
+        dst[dst_offset..dst_offset + len].copy_from_slice(&src[src_offset..src_offset + len]);
         Ok(())
     }
 }

@@ -1120,17 +1120,18 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn copy(&self, src: &Buf, src_offset: usize, dst: &mut Buf, len: usize) -> Result<()> {
+    fn copy(&self, src: &Buf, src_offset: usize, dst: &mut Buf, dst_offset: usize, len: usize) -> Result<()> {
         let sd = dev(src)?;
         need(sd, src_offset + len, "copy source")?;
         let dd = dev_mut(dst)?;
-        need(dd, len, "copy destination")?;
+        need(dd, dst_offset + len, "copy destination")?;
         if len == 0 {
             return Ok(());
         }
         self.bind()?;
+        let (to, from) = (dd.ptr() + 4 * dst_offset as u64, sd.ptr() + 4 * src_offset as u64);
         // SAFETY: both ranges lie in live allocations (checked above) and are distinct buffers.
-        unsafe { result::memcpy_dtod_async(dd.ptr(), sd.ptr() + 4 * src_offset as u64, 4 * len, self.cur_stream()) }
+        unsafe { result::memcpy_dtod_async(to, from, 4 * len, self.cur_stream()) }
             .map_err(|e| driver_error(e, "a device copy"))
     }
 

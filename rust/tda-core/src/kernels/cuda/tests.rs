@@ -345,10 +345,11 @@ fn norms_rope_embed_and_elementwise_match_the_cpu() {
         cpu.add(&mut ac, &uc, n).unwrap();
         gpu.add(&mut ag, &ug, n).unwrap();
         close("add", &down(gpu, &ag, n), &down(&cpu, &ac, n), 1e-6);
-        let (mut cc2, mut cg2) = (cpu.zeros(10).unwrap(), gpu.zeros(10).unwrap());
-        cpu.copy(&ac, 17, &mut cc2, 10).unwrap();
-        gpu.copy(&ag, 17, &mut cg2, 10).unwrap();
-        close("copy", &down(gpu, &cg2, 10), &down(&cpu, &cc2, 10), 1e-6);
+        let (mut cc2, mut cg2) = (cpu.zeros(13).unwrap(), gpu.zeros(13).unwrap());
+        cpu.copy(&ac, 17, &mut cc2, 3, 10).unwrap();
+        gpu.copy(&ag, 17, &mut cg2, 3, 10).unwrap();
+        close("copy", &down(gpu, &cg2, 13), &down(&cpu, &cc2, 13), 1e-6);
+        assert!(gpu.copy(&ag, 17, &mut cg2, 4, 10).is_err(), "a copy past the destination's end");
     }
 }
 
