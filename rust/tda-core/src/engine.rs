@@ -3,6 +3,7 @@
 
 use crate::config::{Arch, ModelConfig};
 use crate::error::{read_text, Error, Result};
+use crate::generate::session::step_many;
 use crate::generate::session::Resolved;
 use crate::generate::{GenerateOptions, Generation, GenerationDefaults, GenerationOutput};
 use crate::kernels::{cpu::CpuBackend, Backend};
@@ -266,6 +267,47 @@ impl Engine {
 
     pub fn generate(&self, prompt: Vec<u32>, opts: &GenerateOptions) -> Result<GenerationOutput> {
         self.start(prompt, opts)?.run()
+    }
+
+    /// Generates from several prompts, each as if alone (the same options), with up to `max_batch`
+    /// of them running together: their decode steps are batched ([`step_many`]: each weight is
+    /// read once per step for all of them); when one finishes, the next prompt joins at the next
+    /// step, after its own prefill. The results come back in the prompts' order. Every prompt is
+    /// checked before anything runs.
+    pub fn generate_many(
+        &self,
+        prompts: Vec<Vec<u32>>,
+        opts: &GenerateOptions,
+        max_batch: usize,
+    ) -> Result<Vec<GenerationOutput>> {
+        if max_batch == 0 {
+            return Err(Error::arg("max_batch must be >= 1"));
+        }
+        for p in &prompts {
+            self.check_ids(p, true)?;
+        }
+        let n = prompts.len();
+        let mut batch = self.shared.model.new_batch(max_batch.min(n).max(1))?;
+        let mut queue = prompts.into_iter().enumerate();
+        let mut active: Vec<(usize, Generation)> = Vec::with_capacity(max_batch);
+        let mut out: Vec<Option<GenerationOutput>> = (0..n).map(|_| None).collect();
+        loop {
+            while active.len() < max_batch {
+                let Some((i, p)) = queue.next() else { break };
+                active.push((i, self.start(p, opts)?));
+            }
+            if active.is_empty() {
+                break;
+            }
+            let mut gens: Vec<&mut Generation> = active.iter_mut().map(|(_, g)| g).collect();
+            let deltas = step_many(&mut gens, &mut batch)?;
+            // Those that returned everything leave.
+            for j in (0..active.len()).rev().filter(|&j| deltas[j].is_none()) {
+                let (i, g) = active.swap_remove(j);
+                out[i] = Some(g.into_output());
+            }
+        }
+        Ok(out.into_iter().map(|o| o.expect("every prompt ran")).collect())
     }
 
     /// Renders messages with the chat template and tokenizes the result (the template adds BOS).

@@ -459,6 +459,21 @@ impl Engine {
         output_dict(py, out)
     }
 
+    /// Generates from several prompts with the same options, up to `max_batch` at a time with their
+    /// decode steps batched; a list of result dicts in the prompts' order.
+    fn generate_many<'py>(
+        &self,
+        py: Python<'py>,
+        prompts: Vec<Vec<i64>>,
+        options: PyOptions,
+        max_batch: usize,
+    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let prompts = prompts.into_iter().map(|p| to_ids(p, "prompt")).collect::<PyResult<Vec<_>>>()?;
+        let opts = options.into_core()?;
+        let outs = compute(py, || self.inner.generate_many(prompts, &opts, max_batch))?;
+        outs.into_iter().map(|o| output_dict(py, o)).collect()
+    }
+
     /// Starts a generation and returns an iterator of text deltas (validation errors raise here).
     fn stream(&self, py: Python<'_>, ids: Vec<i64>, options: PyOptions) -> PyResult<Stream> {
         let ids = to_ids(ids, "prompt")?;

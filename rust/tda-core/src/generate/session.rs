@@ -6,7 +6,7 @@ use super::sampler::{log_prob, Sampler, SamplingParams};
 use super::stop::StopStrings;
 use crate::error::{parse_json, read_text, Error, Result};
 use crate::load::tokenizer::TextTokenizer;
-use crate::model::{FfnMode, Logits, Model, State};
+use crate::model::{Batch, BatchRow, FfnMode, Logits, Model, State};
 use crate::sparsity::Sparsity;
 use serde_json::Value;
 use std::path::Path;
@@ -267,11 +267,19 @@ impl Generation {
     /// for a possible stop string or an incomplete character); `None` once everything was returned.
     pub fn step(&mut self) -> Result<Option<String>> {
         if self.finish.is_none() {
-            let t = self.next_token()?;
+            let t0 = Instant::now();
+            self.forward()?;
+            let t = self.sample()?;
+            self.record(t0.elapsed().as_secs_f64());
             self.accept(t)?;
         } else if self.flushed {
             return Ok(None);
         }
+        Ok(Some(self.delta()))
+    }
+
+    /// The text that may now be shown, since the last call.
+    fn delta(&mut self) -> String {
         let end = match self.finish {
             Some(_) => {
                 self.flushed = true;
@@ -281,7 +289,7 @@ impl Generation {
         };
         let delta = self.text[self.emitted..end.max(self.emitted)].to_string();
         self.emitted = end.max(self.emitted);
-        Ok(Some(delta))
+        delta
     }
 
     /// Runs to the end.
@@ -306,33 +314,53 @@ impl Generation {
         }
     }
 
-    /// The prefill for the first token, a decode step for every later one.
-    fn next_token(&mut self) -> Result<u32> {
+    /// Whether the next token comes from a decode step: the prompt has run, and it goes on.
+    fn decoding(&self) -> bool {
+        self.finish.is_none() && !self.tokens.is_empty()
+    }
+
+    /// The decode step's FFN mode.
+    fn decode_mode(&self) -> FfnMode {
+        if self.opts.sparsity.is_dense() {
+            FfnMode::Dense
+        } else {
+            FfnMode::Sparse
+        }
+    }
+
+    /// The prefill for the first token, a decode step for every later one; the logits stay in the
+    /// state for [`Generation::sample`].
+    fn forward(&mut self) -> Result<()> {
+        let decode_mode = self.decode_mode();
         let st = self.state.as_mut().expect("state is held until drop");
         let model = &*self.model;
-        let t0 = Instant::now();
-        let dense = self.opts.sparsity.is_dense();
         match self.tokens.last() {
             None => {
                 // Dense prefill; the FFNs observe the prompt and the mask is chosen from it.
                 st.stats.reset();
-                let mode = if dense { FfnMode::Dense } else { FfnMode::Observe };
+                let mode = if self.opts.sparsity.is_dense() { FfnMode::Dense } else { FfnMode::Observe };
                 model.forward(&self.prompt, 0, st, mode, Logits::Last)?;
                 st.mask.select(&self.opts.sparsity.selector()?, &st.stats)?;
                 self.ffn_active = st.mask.counts();
             }
             Some(&last) => {
                 let pos = self.prompt.len() + self.tokens.len() - 1;
-                let mode = if dense { FfnMode::Dense } else { FfnMode::Sparse };
-                model.forward(&[last], pos, st, mode, Logits::Last)?;
+                model.forward(&[last], pos, st, decode_mode, Logits::Last)?;
             }
         }
+        Ok(())
+    }
+
+    /// The next token from the logits of the last forward.
+    fn sample(&mut self) -> Result<u32> {
+        let st = self.state.as_mut().expect("state is held until drop");
+        let model = &*self.model;
         // On a device, only the sampled id travels back, unless the host must see the logits.
         let on_device = match model.samples_on_device() && !self.opts.logprobs {
             true => self.sampler.device_draw().map(|d| model.sample_on_device(st, &d)).transpose()?.flatten(),
             false => None,
         };
-        let t = match on_device {
+        Ok(match on_device {
             Some(t) => t,
             None => {
                 let logits = model.host_logits(st)?;
@@ -342,15 +370,17 @@ impl Generation {
                 }
                 t
             }
-        };
-        let dt = t0.elapsed().as_secs_f64();
+        })
+    }
+
+    /// Counts `dt` seconds for the token about to be accepted: the prefill's or a decode step's.
+    fn record(&mut self, dt: f64) {
         if self.tokens.is_empty() {
             self.timings.prefill_s = dt;
         } else {
             self.timings.decode_s += dt;
             self.timings.decode_tokens += 1;
         }
-        Ok(t)
     }
 
     fn accept(&mut self, t: u32) -> Result<()> {
@@ -371,6 +401,48 @@ impl Generation {
         }
         Ok(())
     }
+}
+
+/// One step of several generations of one model at once; returns each one's text delta, as
+/// [`Generation::step`] would. Those still to run their prompt prefill alone; those decoding take
+/// one batched decode step together ([`Model::decode_batch`]: each weight is read once for all of
+/// them), each under its own sparsity, then sample with their own samplers. `batch` needs a row per
+/// decoding generation. Each decoding generation counts the whole batched step as its decode time.
+pub fn step_many(gens: &mut [&mut Generation], batch: &mut Batch) -> Result<Vec<Option<String>>> {
+    let Some(model) = gens.first().map(|g| g.model.clone()) else { return Ok(vec![]) };
+    if gens.iter().any(|g| !Arc::ptr_eq(&g.model, &model)) {
+        return Err(Error::arg("step_many: the generations belong to different engines"));
+    }
+    let decoding: Vec<usize> = (0..gens.len()).filter(|&i| gens[i].decoding()).collect();
+    if decoding.len() > 1 {
+        let t0 = Instant::now();
+        let mut rows: Vec<BatchRow> = gens
+            .iter_mut()
+            .filter(|g| g.decoding())
+            .map(|g| BatchRow {
+                token: *g.tokens.last().expect("decoding"),
+                position: g.prompt.len() + g.tokens.len() - 1,
+                mode: g.decode_mode(),
+                state: g.state.as_mut().expect("state is held until drop"),
+            })
+            .collect();
+        model.decode_batch(&mut rows, batch)?;
+        drop(rows);
+        let dt = t0.elapsed().as_secs_f64();
+        for &i in &decoding {
+            let g = &mut *gens[i];
+            let t = g.sample()?;
+            g.record(dt);
+            g.accept(t)?;
+        }
+    }
+    gens.iter_mut()
+        .enumerate()
+        .map(|(i, g)| match decoding.len() > 1 && decoding.contains(&i) {
+            true => Ok(Some(g.delta())),
+            false => g.step(),
+        })
+        .collect()
 }
 
 impl Drop for Generation {
