@@ -179,6 +179,16 @@ fn check_batched(model: &Model, prompts: &[Vec<u32>], kinds: &[Kind], what: &str
 }
 
 /// Eight prompts of different lengths (3 to 17 tokens).
+/// The rows of every sequence's first decode step, dense, after its prefill.
+fn first_dense_step<'a>(states: &'a mut [State], toks: &[u32], prompts: &[Vec<u32>]) -> Vec<BatchRow<'a>> {
+    states
+        .iter_mut()
+        .zip(toks)
+        .zip(prompts)
+        .map(|((state, &token), q)| BatchRow { state, token, position: q.len(), mode: FfnMode::Dense })
+        .collect()
+}
+
 fn prompts(model: &Model) -> Vec<Vec<u32>> {
     (0..8).map(|i| prompt(model.cfg.vocab_size, 3 + 2 * i, i as u64)).collect()
 }
@@ -235,12 +245,7 @@ fn batch_of_one_is_the_single_decode() {
     let p = &p[..3];
     let (mut states, toks): (Vec<State>, Vec<u32>) = p.iter().map(|q| prefill(m, q, Kind::Dense)).unzip();
     let mut batch = m.new_batch(8).unwrap();
-    let mut rows: Vec<BatchRow> = states
-        .iter_mut()
-        .zip(&toks)
-        .zip(p)
-        .map(|((state, &token), q)| BatchRow { state, token, position: q.len(), mode: FfnMode::Dense })
-        .collect();
+    let mut rows = first_dense_step(&mut states, &toks, p);
     m.decode_batch(&mut rows, &mut batch).unwrap();
     for (i, st) in states.iter_mut().enumerate() {
         assert_eq!(argmax(m.host_logits(st).unwrap()), single(m, &p[i], Kind::Dense).0[1]);
@@ -299,12 +304,7 @@ fn bad_batches_are_errors_and_change_nothing() {
     // No sequences; more sequences than the batch has rows; a batch of another model.
     assert!(matches!(m.decode_batch(&mut [], &mut batch), Err(Error::InvalidArgument(_))));
     let mut small = m.new_batch(2).unwrap();
-    let mut rows: Vec<BatchRow> = states
-        .iter_mut()
-        .zip(&toks)
-        .zip(p)
-        .map(|((state, &token), q)| BatchRow { state, token, position: q.len(), mode: FfnMode::Dense })
-        .collect();
+    let mut rows = first_dense_step(&mut states, &toks, p);
     assert!(matches!(m.decode_batch(&mut rows, &mut small), Err(Error::InvalidArgument(_))));
     let mut cfg = m.cfg.clone();
     cfg.vocab_size += 1;
@@ -316,12 +316,7 @@ fn bad_batches_are_errors_and_change_nothing() {
     for (st, want) in states.iter_mut().zip(&before) {
         assert_eq!(m.host_logits(st).unwrap(), &want[..]);
     }
-    let mut rows: Vec<BatchRow> = states
-        .iter_mut()
-        .zip(&toks)
-        .zip(p)
-        .map(|((state, &token), q)| BatchRow { state, token, position: q.len(), mode: FfnMode::Dense })
-        .collect();
+    let mut rows = first_dense_step(&mut states, &toks, p);
     m.decode_batch(&mut rows, &mut batch).unwrap();
     for (i, st) in states.iter_mut().enumerate() {
         assert_eq!(argmax(m.host_logits(st).unwrap()), single(m, &p[i], Kind::Dense).0[1]);
